@@ -1,0 +1,1 @@
+"""The `trajstore` command line: a thin click layer over trajstore and distill."""

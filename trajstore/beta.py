@@ -1,0 +1,83 @@
+"""Per-layer beta schedules (MCT Eq. 9) and the continuous-c lookup of Eq. 10, on a piecewise path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import OutOfRangeError, TrajstoreError
+
+
+def check_anchor_epochs(anchor_epochs: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
+    """Anchors are strictly increasing integer epochs from 0 to K = num_timesteps - 1."""
+    epochs = tuple(int(e) for e in anchor_epochs)
+    last = num_timesteps - 1
+    if num_timesteps < 2:
+        raise TrajstoreError(f"a trajectory needs at least 2 timesteps, got {num_timesteps}")
+    if len(epochs) < 2 or epochs[0] != 0 or epochs[-1] != last:
+        raise TrajstoreError(f"anchor epochs {list(epochs)} must start at 0 and end at K={last}")
+    if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise TrajstoreError(f"anchor epochs {list(epochs)} must be strictly increasing")
+    return epochs
+
+
+def anchor_epochs_with(waypoints: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
+    """Anchor epochs for the given inner waypoints (e.g. (6, 25) for MCT's CIFAR-10 setting)."""
+    last = num_timesteps - 1
+    inner = sorted(set(int(w) for w in waypoints))
+    bad = [w for w in inner if not 0 < w < last]
+    if bad:
+        raise TrajstoreError(f"waypoints {bad} lie outside the open range (0, {last})")
+    return check_anchor_epochs([0, *inner, last], num_timesteps)
+
+
+def beta_from_norms(step_norms: np.ndarray, anchor_epochs: Sequence[int]) -> np.ndarray:
+    """beta[t, l]: layer l's cumulative step length from its piece's first anchor, over the piece's.
+
+    step_norms[t, l] is ||theta_l(t+1) - theta_l(t)||. Each piece is normalised on its own, so beta is
+    0 at the piece's first anchor and reaches 1 at its last; at an inner anchor the stored value is 0,
+    the start of the next piece (the end of a piece is 1 by definition and is not stored). A layer that
+    never moves within a piece gets a linear schedule, which is as good as any for identical endpoints.
+    """
+    norms = np.asarray(step_norms, dtype=np.float64)
+    K, L = norms.shape
+    epochs = check_anchor_epochs(anchor_epochs, K + 1)
+    beta = np.zeros((K + 1, L), dtype=np.float64)
+    for a, b in zip(epochs, epochs[1:]):
+        cum = np.cumsum(norms[a:b], axis=0)  # cum[i] = length from a to a+i+1
+        total = cum[-1]
+        moving = total > 0
+        linear = (np.arange(1, b - a + 1, dtype=np.float64) / (b - a))[:, None]
+        frac = np.where(moving, cum / np.where(moving, total, 1.0), linear)
+        beta[a + 1 : b] = frac[:-1]
+    beta[epochs[-1]] = 1.0
+    return beta
+
+
+def locate(c: float, anchor_epochs: Sequence[int]) -> tuple[int, int, int, float]:
+    """Position c -> (piece index, floor(c), ceil(c), eta) with the piece that contains c.
+
+    An inner anchor belongs to the piece that starts there, so c = e_j reads anchor e_j exactly.
+    """
+    last = anchor_epochs[-1]
+    try:
+        c = float(c)
+    except (TypeError, ValueError):
+        raise OutOfRangeError(f"position c={c!r} is not a number") from None
+    if not math.isfinite(c) or c < 0 or c > last:
+        raise OutOfRangeError(f"position c={c} is outside [0, {last}]")
+    piece = int(np.searchsorted(np.asarray(anchor_epochs[:-1]), c, side="right")) - 1
+    lo = math.floor(c)
+    hi = math.ceil(c)
+    return piece, lo, hi, c - lo
+
+
+def piece_weights(beta: np.ndarray, anchor_epochs: Sequence[int], c: float) -> tuple[int, np.ndarray]:
+    """Eq. 10 on a piecewise path: (piece index, per-layer weight of the piece's end anchor) at c."""
+    piece, lo, hi, eta = locate(c, anchor_epochs)
+    end = anchor_epochs[piece + 1]
+    b_lo = beta[lo]
+    b_hi = np.ones_like(b_lo) if hi == end else beta[hi]
+    return piece, (1.0 - eta) * b_lo + eta * b_hi

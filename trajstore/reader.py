@@ -1,0 +1,277 @@
+"""The lazy reader: `trajstore.open(path)` and the Expert objects it hands out."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import anchorfile, checksums
+from .beta import locate, piece_weights
+from .errors import FormatError, OutOfRangeError, TrajstoreError
+from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, load_json
+from .stores import open_store
+
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+def _device(device) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+class Expert:
+    """One convexified trajectory: anchors, per-layer betas, and theta(c) for any real c in [0, K]."""
+
+    def __init__(self, store: "CTraj", position: int, expert_id: int):
+        self._s = store
+        self.position = position
+        self.id = expert_id
+        self._dir = expert_dir(expert_id)
+        self._files: dict[str, str] | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+        self.provenance: dict = {}
+
+    def __repr__(self):
+        return f"<Expert {self.position} (id {self.id}) of {self._s.path}>"
+
+    @property
+    def anchor_epochs(self) -> tuple[int, ...]:
+        return self._s.anchor_epochs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._s.num_timesteps
+
+    def _manifest(self) -> dict[str, str]:
+        if self._files is None:
+            key = f"{self._dir}/{ROOT_META}"
+            doc = load_json(self._s._store.read_bytes(key), self._s._describe(key))
+            info = (doc.get("attributes") or {}).get("trajstore_expert")
+            if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+                raise FormatError("expert metadata lacks its file list", self._s._describe(key))
+            self.provenance = info.get("provenance") or {}
+            self._files = info["files"]
+        return self._files
+
+    def _bytes(self, rel: str, mapped: bool = False):
+        files = self._manifest()
+        key = f"{self._dir}/{rel}"
+        where = self._s._describe(key)
+        if rel not in files:
+            raise FormatError("file is not listed in the expert's manifest", where)
+        data = self._s._store.mapped(key) if mapped else self._s._store.read_bytes(key)
+        if self._s.verify_checksums:
+            checksums.check(data, files[rel], where)
+        return data
+
+    def _array(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        if name not in self._arrays:
+            chunk_files = [f for f in self._manifest() if f.startswith(f"{name}/")]
+            for rel in chunk_files:  # checksum first: zarr would decode corrupt bytes silently
+                self._bytes(rel)
+            where = self._s._describe(f"{self._dir}/{name}")
+            try:
+                import zarr
+
+                arr = zarr.open_array(store=self._s._zarr(), path=f"{self._dir}/{name}", mode="r")
+                values = np.asarray(arr[...], dtype=np.float64)
+            except Exception as exc:  # zarr reports corruption with many exception types
+                raise FormatError(f"cannot read zarr array ({type(exc).__name__}: {exc})", where) from None
+            if values.shape != shape:
+                raise FormatError(f"array has shape {values.shape}, expected {shape}", where)
+            if not np.isfinite(values).all():
+                raise FormatError("array holds NaN or infinite values", where)
+            self._arrays[name] = values
+        return self._arrays[name]
+
+    @property
+    def beta(self) -> np.ndarray:
+        """(K+1, L) float64: per-layer position along each piece (0 at its first anchor)."""
+        return self._array(BETA, (self.num_timesteps, len(self._s.layers)))
+
+    @property
+    def step_norms(self) -> np.ndarray:
+        """(K, L) float64: ||theta_l(t+1) - theta_l(t)|| of the original trajectory."""
+        return self._array(STEP_NORMS, (self.num_timesteps - 1, len(self._s.layers)))
+
+    def _anchor_tensors(self, epoch: int, device: torch.device, dtype) -> list[torch.Tensor]:
+        return self._s._anchor(self, epoch, device, dtype)
+
+    def anchor(self, epoch: int, *, device=None, dtype=None) -> dict[str, torch.Tensor]:
+        """The stored checkpoint at an anchor epoch, as fresh tensors."""
+        if epoch not in self.anchor_epochs:
+            raise OutOfRangeError(f"epoch {epoch} is not an anchor; anchors are {list(self.anchor_epochs)}",
+                                  self._s.path)
+        tensors = self._anchor_tensors(epoch, _device(device), dtype)
+        return {layer.name: t.clone() for layer, t in zip(self._s.layers, tensors)}
+
+    @property
+    def anchors(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {e: self.anchor(e) for e in self.anchor_epochs}
+
+    def at(self, c: float, flat: bool = False, device=None, dtype=None):
+        """theta(c), Eq. 10: a name -> tensor dict, or with flat=True one vector in parameter order."""
+        try:
+            piece, weights = piece_weights(self.beta, self.anchor_epochs, c)
+        except OutOfRangeError as exc:
+            raise OutOfRangeError(str(exc), self._s.path) from None
+        dev = _device(device)
+        a = self._anchor_tensors(self.anchor_epochs[piece], dev, dtype)
+        b = self._anchor_tensors(self.anchor_epochs[piece + 1], dev, dtype)
+        layers = self._s.layers
+        if flat:
+            out_dtype = a[0].dtype
+            if any(t.dtype != out_dtype for t in a):
+                raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", self._s.path)
+            out = torch.empty(self._s.num_params, dtype=out_dtype, device=dev)
+            offset = 0
+            for ta, tb, w in zip(a, b, weights.tolist()):
+                n = ta.numel()
+                torch.lerp(ta.reshape(-1), tb.reshape(-1), w, out=out[offset : offset + n])
+                offset += n
+            return out
+        return {layer.name: torch.lerp(ta, tb, w) for layer, ta, tb, w in zip(layers, a, b, weights.tolist())}
+
+    def window(self, c: float, m: float, flat: bool = False, device=None, dtype=None):
+        """(theta(c), theta(min(c + m, K))): the start and target of one matching iteration."""
+        locate(c, self.anchor_epochs)
+        if not np.isfinite(m) or m < 0:
+            raise OutOfRangeError(f"window length m={m} must be a finite number >= 0", self._s.path)
+        end = min(float(c) + float(m), float(self.num_timesteps - 1))
+        return (self.at(c, flat=flat, device=device, dtype=dtype),
+                self.at(end, flat=flat, device=device, dtype=dtype))
+
+    def verify(self) -> None:
+        """Re-read every file of this expert against its checksum and structure."""
+        files = self._manifest()
+        for rel in files:
+            self._bytes(rel, mapped=True)
+        self._arrays.clear()
+        _ = self.beta, self.step_norms
+        for epoch in self.anchor_epochs:
+            if anchor_name(epoch) not in files:
+                raise FormatError(f"anchor of epoch {epoch} is missing", self._s._describe(self._dir))
+            anchorfile.decode(self._s._store.mapped(f"{self._dir}/{anchor_name(epoch)}"), self._s.layers,
+                              self._s._describe(f"{self._dir}/{anchor_name(epoch)}"))
+
+
+class CTraj:
+    """An open .ctraj store (directory or single file). Obtain with `trajstore.open(path)`."""
+
+    def __init__(self, path, *, verify_checksums: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.path = Path(path)
+        self.verify_checksums = verify_checksums
+        self._store = open_store(self.path)
+        meta = StoreMeta.decode(self._store.read_bytes(ROOT_META), self._describe(ROOT_META))
+        if not meta.complete:
+            raise FormatError("unfinished write: the writer was interrupted before closing the store "
+                              "(resume it with append=True, or remove it)", self.path)
+        self.meta = meta
+        self.layers = meta.layers
+        self.num_params = sum(layer.numel for layer in meta.layers)
+        self._ids = sorted(int(n) for n in self._store.listdir(EXPERTS)
+                           if n.isdigit() and self._store.exists(f"{expert_dir(int(n))}/{ROOT_META}"))
+        self._experts: dict[int, Expert] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._lock = threading.Lock()
+        self._zarr_store = None
+
+    def __repr__(self):
+        return (f"<CTraj {self.path}: {self.num_experts} experts, {self.num_timesteps} timesteps, "
+                f"anchors {list(self.anchor_epochs)}, {len(self.layers)} layers>")
+
+    def _describe(self, key: str):
+        return self._store.describe(key)
+
+    def _zarr(self):
+        if self._zarr_store is None:
+            self._zarr_store = self._store.zarr_store()
+        return self._zarr_store
+
+    # -- the public table ---------------------------------------------------------------------
+
+    num_timesteps = property(lambda self: self.meta.num_timesteps, doc="K + 1")
+    anchor_epochs = property(lambda self: self.meta.anchor_epochs)
+    architecture = property(lambda self: self.meta.architecture)
+    training = property(lambda self: self.meta.training)
+    provenance = property(lambda self: self.meta.provenance)
+    smoothing = property(lambda self: self.meta.smoothing)
+    expert_ids = property(lambda self: list(self._ids), doc="stored ids, in position order")
+
+    @property
+    def num_experts(self) -> int:
+        return len(self._ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk."""
+        return self._store.total_bytes()
+
+    def __len__(self):
+        return self.num_experts
+
+    def __iter__(self):
+        return (self.expert(i) for i in range(self.num_experts))
+
+    def __getitem__(self, i: int) -> Expert:
+        return self.expert(i)
+
+    def expert(self, i: int) -> Expert:
+        if not isinstance(i, (int, np.integer)) or not -self.num_experts <= i < self.num_experts:
+            raise OutOfRangeError(f"expert index {i!r} out of range: the store has {self.num_experts} experts",
+                                  self.path)
+        i = int(i) % self.num_experts
+        if i not in self._experts:
+            self._experts[i] = Expert(self, i, self._ids[i])
+        return self._experts[i]
+
+    def verify(self) -> None:
+        """Check every expert's files against their checksums; raises the first problem found."""
+        for expert in self:
+            expert.verify()
+
+    # -- anchor cache -------------------------------------------------------------------------
+
+    def _anchor(self, expert: Expert, epoch: int, device: torch.device, dtype) -> list[torch.Tensor]:
+        key = (expert.id, epoch, str(device), dtype)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        rel = anchor_name(epoch)
+        buf = expert._bytes(rel, mapped=True)
+        tensors = anchorfile.decode(buf, self.layers, self._describe(f"{expert._dir}/{rel}"))
+        if device.type != "cpu" or dtype is not None:
+            tensors = [t.to(device=device, dtype=dtype or t.dtype, copy=True) for t in tensors]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        with self._lock:
+            self._cache[key] = tensors
+            self._cached += nbytes
+            while self._cached > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= sum(t.numel() * t.element_size() for t in old)
+        return tensors
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._experts.clear()
+        self._cached = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open(path: str | os.PathLike, *, verify_checksums: bool = True,
+         cache_bytes: int = DEFAULT_CACHE_BYTES) -> CTraj:
+    """Open a .ctraj (directory or single file) for reading. Nothing but metadata is read yet."""
+    return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes)

@@ -1,0 +1,67 @@
+"""The single-file form: an uncompressed zip of the directory form, every member 64-byte aligned.
+
+Alignment lets the reader memory-map anchor tensors in place; zarr reads the same file with ZipStore.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+from . import atomic
+
+ALIGN = 64
+PAD_EXTRA_ID = 0xD935  # the id Android's zipalign uses for padding; readers skip unknown extras
+
+
+def write_single_file(src_dir: Path, dst: Path, *, overwrite: bool = False) -> None:
+    src_dir, dst = Path(src_dir), Path(dst)
+    tmp = atomic.temp_sibling(dst)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for path in sorted(src_dir.rglob("*")):
+                if not path.is_file() or any(part.startswith(".") for part in path.relative_to(src_dir).parts):
+                    continue
+                name = str(path.relative_to(src_dir)).replace(os.sep, "/")
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_STORED
+                start = zf.fp.tell() + 30 + len(name.encode()) + 4
+                pad = -start % ALIGN
+                info.extra = struct.pack("<HH", PAD_EXTRA_ID, pad) + b"\0" * pad
+                with open(path, "rb") as f:
+                    zf.writestr(info, f.read())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        atomic.publish_file(tmp, dst, overwrite=overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def extract_single_file(src: Path, dst_dir: Path, *, overwrite: bool = False) -> None:
+    tmp = atomic.temp_sibling(Path(dst_dir), "build")
+    try:
+        with zipfile.ZipFile(src) as zf:
+            zf.extractall(tmp)
+        atomic.publish_dir(tmp, Path(dst_dir), overwrite=overwrite)
+    finally:
+        atomic.remove(tmp)
+
+
+def to_single_file(src, dst, *, overwrite: bool = False) -> Path:
+    """Write the single-file form of a directory .ctraj (which must open cleanly first)."""
+    from .reader import open as open_ctraj
+
+    open_ctraj(src).verify()
+    write_single_file(Path(src), Path(dst), overwrite=overwrite)
+    return Path(dst)
+
+
+def to_directory(src, dst, *, overwrite: bool = False) -> Path:
+    """Unpack a single-file .ctraj into the directory form."""
+    from .reader import open as open_ctraj
+
+    open_ctraj(src).verify()
+    extract_single_file(Path(src), Path(dst), overwrite=overwrite)
+    return Path(dst)

@@ -1,0 +1,296 @@
+"""The streaming writer: experts arrive one timestep at a time and only anchors + norms are kept."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import anchorfile, atomic, checksums
+from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
+from .errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
+from .layers import Layer, as_tensor_list, layer_table
+from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir,
+                     group_json, load_json)
+from .singlefile import write_single_file
+
+SMOOTHING = ("mct",)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _tool() -> str:
+    from . import __version__
+
+    return f"trajstore {__version__}"
+
+
+def write_zarr_array(root: Path, name: str, data: np.ndarray) -> None:
+    import zarr
+    from zarr.storage import LocalStore
+
+    zarr.create_array(LocalStore(root), name=name, data=data, chunks=data.shape, overwrite=False)
+
+
+class ExpertWriter:
+    """Receives one expert's timesteps in order; `close()` publishes the expert atomically."""
+
+    def __init__(self, writer: "Writer", expert_id: int, provenance: dict | None):
+        self._w = writer
+        self.id = expert_id
+        self._provenance = provenance or {}
+        meta = writer.meta
+        self._layers = meta.layers
+        self._last = meta.num_timesteps - 1
+        self._epochs = set(meta.anchor_epochs)
+        self._t = 0
+        self._history: deque[list[torch.Tensor]] = deque(maxlen=3)
+        self._norms = np.zeros((self._last, len(self._layers)), dtype=np.float64)
+        self._anchors: dict[int, list[torch.Tensor]] = {}
+        self._done = False
+
+    @property
+    def timesteps_written(self) -> int:
+        return self._t
+
+    def append(self, params) -> None:
+        """Add the next timestep: tensors in layer order, a name -> tensor mapping, or a module."""
+        if self._done:
+            raise TrajstoreError(f"expert {self.id} is already closed", self._w.path)
+        if self._t > self._last:
+            raise InvalidTensorError(f"expert {self.id}: more than {self._last + 1} timesteps", self._w.path)
+        where = f"expert {self.id} timestep {self._t}"
+        tensors = [t.to("cpu", copy=True) for t in as_tensor_list(params, self._layers, where)]
+        for layer, t in zip(self._layers, tensors):
+            if not torch.isfinite(t).all():
+                raise InvalidTensorError(f"{where}: layer {layer.name!r} has NaN or infinite values",
+                                         self._w.path)
+        t = self._t
+        if t > 0:
+            prev = self._history[-1]
+            self._norms[t - 1] = [torch.linalg.vector_norm(a.double() - b.double()).item()
+                                  for a, b in zip(tensors, prev)]
+        self._history.append(tensors)
+        smooth = self._w.meta.smoothing == "mct"
+        if t in self._epochs and not (smooth and t > 0):
+            self._anchors[t] = tensors
+        if smooth and t - 1 in self._epochs and 0 < t - 1 < self._last:
+            before, here, after = self._history  # MCT's inner-waypoint smoothing
+            self._anchors[t - 1] = [0.5 * h + 0.25 * b + 0.25 * a for b, h, a in zip(before, here, after)]
+        if smooth and t == self._last:
+            if len(self._history) < 3:
+                raise InvalidTensorError("MCT smoothing of the end point needs K >= 2", self._w.path)
+            k2, k1, k = self._history
+            self._anchors[t] = [0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(k, k2, k1)]
+        self._t += 1
+
+    def extend(self, timesteps: Iterable) -> None:
+        for params in timesteps:
+            self.append(params)
+
+    def close(self) -> int:
+        if self._done:
+            return self.id
+        if self._t != self._last + 1:
+            raise InvalidTensorError(f"expert {self.id} got {self._t} timesteps, expected "
+                                     f"{self._last + 1}; nothing was written for it", self._w.path)
+        self._done = True
+        self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
+        return self.id
+
+    def abort(self) -> None:
+        self._done = True
+        self._w._release(self.id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Writer:
+    """Writes a .ctraj; use `trajstore.create(...)` to make one."""
+
+    def __init__(self, path, layers, num_timesteps: int, *, anchor_epochs: Sequence[int] | None = None,
+                 waypoints: Sequence[int] = (), smoothing: str | None = None, architecture: dict | None = None,
+                 training: dict | None = None, provenance: dict | None = None, single_file: bool = False,
+                 overwrite: bool = False, append: bool = False):
+        self.path = Path(path)
+        layers = layer_table(layers)
+        if anchor_epochs is None:
+            anchor_epochs = anchor_epochs_with(waypoints, num_timesteps)
+        elif waypoints:
+            raise TrajstoreError("give anchor_epochs or waypoints, not both")
+        if smoothing not in (None, *SMOOTHING):
+            raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHING)}")
+        prov = {"created": _now(), "tool": _tool(), **(provenance or {})}
+        self.meta = StoreMeta(layers=layers, num_timesteps=int(num_timesteps),
+                              anchor_epochs=check_anchor_epochs(anchor_epochs, int(num_timesteps)),
+                              smoothing=smoothing, architecture=architecture, training=dict(training or {}),
+                              provenance=prov)
+        self.single_file = single_file
+        self._overwrite = overwrite
+        self._taken: set[int] = set()
+        self._closed = False
+        if single_file:
+            if append:
+                raise TrajstoreError("a single-file .ctraj cannot be appended to; write the directory "
+                                     "form and convert it when done", self.path)
+            if self.path.exists() and not overwrite:
+                raise ExistsError("already exists (pass overwrite=True / --force to replace it)", self.path)
+            self._root = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.build-", dir=self.path.parent))
+            self._init_root()
+        elif self.path.exists() and append:
+            self._root = self.path
+            self._join_existing()
+        elif self.path.exists() and not overwrite:
+            hint = "" if (self.path / ROOT_META).exists() else " (an unfinished write: pass append=True to resume)"
+            raise ExistsError(f"already exists{hint}; pass overwrite=True / --force to replace it", self.path)
+        elif self.path.exists():
+            self._root = atomic.temp_sibling(self.path, "build")
+            self._root.mkdir()
+            self._init_root()
+        else:
+            self._root = self.path
+            try:
+                self._root.mkdir(parents=False)
+            except FileExistsError:  # another process created it first
+                self._join_existing()
+            except FileNotFoundError:
+                raise TrajstoreError("parent directory does not exist", self.path) from None
+            else:
+                self._init_root()
+
+    # -- store level -------------------------------------------------------------------------
+
+    def _init_root(self) -> None:
+        (self._root / EXPERTS).mkdir()
+        atomic.write_bytes(self._root / EXPERTS / ROOT_META, group_json())
+        atomic.write_bytes(self._root / ROOT_META, self.meta.encode())
+
+    def _join_existing(self) -> None:
+        meta_path = self._root / ROOT_META
+        deadline = time.monotonic() + 30
+        while not meta_path.exists():  # a concurrent creator is between mkdir and its metadata
+            if time.monotonic() > deadline:
+                raise FormatError("exists but holds no .ctraj metadata", self._root)
+            time.sleep(0.05)
+        existing = StoreMeta.decode(meta_path.read_bytes(), meta_path)
+        diffs = existing.same_layout(self.meta)
+        if diffs:
+            raise TrajstoreError("cannot append: the existing store has another layout: " + "; ".join(diffs),
+                                 self._root)
+        existing_prov = existing.provenance
+        self.meta.provenance = existing_prov
+        self.meta.architecture = existing.architecture if existing.architecture is not None else self.meta.architecture
+        self.meta.training = existing.training or self.meta.training
+        self.meta.complete = existing.complete
+
+    def existing_experts(self) -> list[int]:
+        """Ids of the experts already complete in this store (for resuming)."""
+        ids = []
+        for name in os.listdir(self._root / EXPERTS):
+            if name.isdigit() and (self._root / EXPERTS / name / ROOT_META).exists():
+                ids.append(int(name))
+        return sorted(ids)
+
+    def next_id(self) -> int:
+        used = set(self.existing_experts()) | self._taken
+        return max(used) + 1 if used else 0
+
+    def expert(self, index: int | None = None, *, provenance: dict | None = None) -> ExpertWriter:
+        """Start writing one expert. Concurrent processes should pass disjoint explicit indices."""
+        if self._closed:
+            raise TrajstoreError("the writer is closed", self.path)
+        expert_id = self.next_id() if index is None else int(index)
+        if expert_id < 0:
+            raise TrajstoreError(f"expert index {expert_id} is negative", self.path)
+        if expert_id in self._taken or expert_id in self.existing_experts():
+            raise ExistsError(f"expert {expert_id} already exists", self.path)
+        self._taken.add(expert_id)
+        return ExpertWriter(self, expert_id, provenance)
+
+    def write_expert(self, timesteps: Iterable, index: int | None = None, *, provenance: dict | None = None) -> int:
+        with self.expert(index, provenance=provenance) as ew:
+            ew.extend(timesteps)
+        return ew.id
+
+    def _release(self, expert_id: int) -> None:
+        self._taken.discard(expert_id)
+
+    def _publish_expert(self, expert_id: int, anchors: Mapping[int, list[torch.Tensor]], norms: np.ndarray,
+                        provenance: dict) -> None:
+        meta = self.meta
+        final = self._root / expert_dir(expert_id)
+        tmp = self._root / EXPERTS / f".tmp-{expert_id:06d}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            files: dict[str, str] = {}
+            for epoch in meta.anchor_epochs:
+                data = anchorfile.encode(meta.layers, anchors[epoch], {"epoch": str(epoch)})
+                (tmp / anchor_name(epoch)).write_bytes(data)
+            write_zarr_array(tmp, BETA, beta_from_norms(norms, meta.anchor_epochs))
+            write_zarr_array(tmp, STEP_NORMS, norms)
+            for p in sorted(tmp.rglob("*")):
+                rel = str(p.relative_to(tmp)).replace(os.sep, "/")
+                if p.is_file() and rel != ROOT_META:  # the group document holds the manifest itself
+                    files[rel] = checksums.sha256(p.read_bytes())
+            attrs = {"trajstore_expert": {"id": expert_id, "files": files,
+                                          "provenance": {"written": _now(), **provenance}}}
+            (tmp / ROOT_META).write_bytes(group_json(attrs))
+            atomic.publish_dir(tmp, final, overwrite=False)
+        finally:
+            atomic.remove(tmp)
+
+    def close(self) -> Path:
+        """Mark the store complete and publish it; returns its path."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        self.meta.complete = True
+        atomic.write_bytes(self._root / ROOT_META, self.meta.encode())
+        if self.single_file:
+            try:
+                write_single_file(self._root, self.path, overwrite=self._overwrite)
+            finally:
+                shutil.rmtree(self._root, ignore_errors=True)
+        elif self._root != self.path:
+            atomic.publish_dir(self._root, self.path, overwrite=True)
+        return self.path
+
+    def abort(self) -> None:
+        """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""
+        self._closed = True
+        if self.single_file or self._root != self.path:
+            shutil.rmtree(self._root, ignore_errors=True)
+        elif not self.meta.complete and not self.existing_experts():
+            shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def create(path, layers, num_timesteps: int, **kwargs) -> Writer:
+    """Start a .ctraj at `path`. See `Writer` for the options (anchors, smoothing, single-file, append)."""
+    return Writer(path, layers, num_timesteps, **kwargs)
