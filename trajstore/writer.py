@@ -103,6 +103,7 @@ class ExpertWriter:
         if self._done:
             return self.id
         if self._t != self._last + 1:
+            self.abort()
             raise InvalidTensorError(f"expert {self.id} got {self._t} timesteps, expected "
                                      f"{self._last + 1}; nothing was written for it", self._w.path)
         self._done = True

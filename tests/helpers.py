@@ -1,0 +1,28 @@
+"""Trajectories made in the tests: random walks with per-layer drift, like SGD but cheap."""
+
+from __future__ import annotations
+
+import torch
+
+SMALL_LAYERS = [("conv.weight", (8, 3, 3, 3)), ("conv.bias", (8,)), ("fc.weight", (4, 32)), ("fc.bias", (4,))]
+
+
+def random_walk(layers=SMALL_LAYERS, num_timesteps: int = 11, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=g, dtype=torch.float64) for _, shape in layers]
+    drift = [torch.randn(shape, generator=g, dtype=torch.float64) * 0.05 for _, shape in layers]
+    traj = []
+    for _ in range(num_timesteps):
+        traj.append([p.to(dtype) for p in params])
+        params = [p + d + 0.02 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+                  for p, d in zip(params, drift)]
+    return traj
+
+
+def write_store(path, trajs, layers=SMALL_LAYERS, **kwargs):
+    import trajstore
+
+    with trajstore.create(path, layers, len(trajs[0]), **kwargs) as w:
+        for traj in trajs:
+            w.write_expert(traj)
+    return path

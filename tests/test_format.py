@@ -1,0 +1,203 @@
+"""The .ctraj format: round trips, Eq. 9/10 semantics, both storage forms, zarr interoperability."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from helpers import SMALL_LAYERS, random_walk, write_store
+from safetensors.torch import load_file
+
+import trajstore
+from trajstore.singlefile import to_directory, to_single_file
+
+
+@pytest.fixture
+def store(tmp_path):
+    trajs = [random_walk(seed=s) for s in range(3)]
+    return write_store(tmp_path / "a.ctraj", trajs, waypoints=(3, 7)), trajs
+
+
+def test_table_and_metadata(store):
+    path, trajs = store
+    r = trajstore.open(path)
+    assert r.num_experts == 3 and r.num_timesteps == 11 and len(r) == 3
+    assert r.anchor_epochs == (0, 3, 7, 10)
+    assert [(l.name, l.shape) for l in r.layers] == SMALL_LAYERS
+    assert r.num_params == sum(torch.Size(s).numel() for _, s in SMALL_LAYERS)
+
+
+def test_anchors_round_trip_bit_exactly(store):
+    path, trajs = store
+    r = trajstore.open(path)
+    for i, traj in enumerate(trajs):
+        for epoch in r.anchor_epochs:
+            got = r.expert(i).anchor(epoch)
+            for (name, _), want in zip(SMALL_LAYERS, traj[epoch]):
+                assert torch.equal(got[name], want)
+                assert got[name].dtype == want.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_round_trip(tmp_path, dtype):
+    layers = [(n, s, dtype) for n, s in SMALL_LAYERS]
+    traj = random_walk(dtype=dtype)
+    r = trajstore.open(write_store(tmp_path / "d.ctraj", [traj], layers=layers))
+    e = r.expert(0)
+    assert all(torch.equal(a, b) for a, b in zip(e.anchor(10).values(), traj[10]))
+    assert e.at(2.5, flat=True).dtype == dtype
+    assert e.at(2.5, flat=True, dtype=torch.float32).dtype == torch.float32
+
+
+def test_anchor_files_are_plain_safetensors_checkpoints(store):
+    path, trajs = store
+    sd = load_file(path / "experts" / "000001" / "anchor_0007.safetensors")
+    assert list(sd) == sorted(n for n, _ in SMALL_LAYERS) or set(sd) == {n for n, _ in SMALL_LAYERS}
+    assert torch.equal(sd["fc.weight"], trajs[1][7][2])
+
+
+def test_beta_is_monotone_from_zero_to_one_per_piece(store):
+    path, _ = store
+    e = trajstore.open(path).expert(0)
+    beta = e.beta
+    epochs = e.anchor_epochs
+    for a, b in zip(epochs, epochs[1:]):
+        piece = np.vstack([beta[a:b], np.ones((1, beta.shape[1]))])
+        assert np.all(piece[0] == 0)
+        assert np.all(np.diff(piece, axis=0) >= 0)
+        assert np.all(piece[-1] == 1)
+
+
+def test_beta_matches_eq9_from_the_original_trajectory(store):
+    path, trajs = store
+    e = trajstore.open(path).expert(2)
+    traj = trajs[2]
+    for layer in range(len(SMALL_LAYERS)):
+        steps = [float(torch.linalg.vector_norm(traj[t + 1][layer].double() - traj[t][layer].double()))
+                 for t in range(10)]
+        np.testing.assert_allclose(e.step_norms[:, layer], steps, rtol=1e-12)
+        for a, b in [(0, 3), (3, 7), (7, 10)]:
+            total = sum(steps[a:b])
+            for t in range(a + 1, b):
+                assert e.beta[t, layer] == pytest.approx(sum(steps[a:t]) / total, rel=1e-12)
+
+
+def test_integer_points_follow_eq8_layer_by_layer(store):
+    path, trajs = store
+    e = trajstore.open(path).expert(1)
+    epochs = e.anchor_epochs
+    for t in range(11):
+        j = max(i for i, a in enumerate(epochs[:-1]) if a <= t)
+        a, b = epochs[j], epochs[j + 1]
+        point = e.at(t)
+        for layer, (name, _) in enumerate(SMALL_LAYERS):
+            beta = 1.0 if t == b else e.beta[t, layer]
+            want = (1 - beta) * trajs[1][a][layer].double() + beta * trajs[1][b][layer].double()
+            torch.testing.assert_close(point[name].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_real_c_interpolates_beta_then_parameters(store):
+    path, trajs = store
+    e = trajstore.open(path).expert(0)
+    c = 4.25  # piece (3, 7)
+    beta = 0.75 * e.beta[4] + 0.25 * e.beta[5]
+    point = e.at(c)
+    for layer, (name, _) in enumerate(SMALL_LAYERS):
+        want = (1 - beta[layer]) * trajs[0][3][layer].double() + beta[layer] * trajs[0][7][layer].double()
+        torch.testing.assert_close(point[name].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_at_is_continuous_in_c_including_across_anchors(store):
+    path, _ = store
+    e = trajstore.open(path).expert(0)
+    for c in [0.0, 1.0, 2.999999, 3.0, 5.5, 6.9999999, 7.0, 9.99999, 10.0]:
+        lo, hi = e.at(max(c - 1e-7, 0), flat=True), e.at(min(c + 1e-7, 10), flat=True)
+        assert (lo - hi).abs().max() < 1e-4
+    for epoch in e.anchor_epochs:  # approaching an inner anchor from below lands on it
+        near = e.at(max(epoch - 1e-9, 0), flat=True)
+        torch.testing.assert_close(near, e.at(epoch, flat=True))
+
+
+def test_flat_is_parameter_order_concatenation(store):
+    path, _ = store
+    e = trajstore.open(path).expert(2)
+    d = e.at(5.3)
+    torch.testing.assert_close(e.at(5.3, flat=True), torch.cat([d[n].reshape(-1) for n, _ in SMALL_LAYERS]))
+
+
+def test_window_pairs_start_and_clamped_target(store):
+    path, _ = store
+    e = trajstore.open(path).expert(0)
+    start, target = e.window(2.5, 3.25, flat=True)
+    torch.testing.assert_close(start, e.at(2.5, flat=True))
+    torch.testing.assert_close(target, e.at(5.75, flat=True))
+    _, end = e.window(8.0, 6, flat=True)
+    assert torch.equal(end, e.at(10, flat=True))
+
+
+def test_results_are_fresh_tensors(store):
+    path, _ = store
+    e = trajstore.open(path).expert(0)
+    first = e.at(3)
+    first["fc.bias"].add_(100.0)
+    assert not torch.equal(e.at(3)["fc.bias"], first["fc.bias"])
+
+
+def test_single_file_form_reads_identically(store, tmp_path):
+    path, _ = store
+    single = to_single_file(path, tmp_path / "one.ctraj")
+    assert single.is_file()
+    a, b = trajstore.open(path), trajstore.open(single)
+    assert b.num_experts == 3 and b.anchor_epochs == a.anchor_epochs
+    for c in [0, 2.2, 7, 9.9]:
+        assert torch.equal(a.expert(1).at(c, flat=True), b.expert(1).at(c, flat=True))
+    np.testing.assert_array_equal(a.expert(2).beta, b.expert(2).beta)
+    b.verify()
+    back = to_directory(single, tmp_path / "back.ctraj")
+    assert torch.equal(trajstore.open(back).expert(0).at(4.5, flat=True), a.expert(0).at(4.5, flat=True))
+
+
+def test_single_file_written_directly(tmp_path):
+    traj = random_walk()
+    out = write_store(tmp_path / "s.ctraj", [traj], single_file=True)
+    assert out.is_file() and not list(tmp_path.glob(".*"))
+    assert torch.equal(trajstore.open(out).expert(0).anchor(10)["fc.bias"], traj[10][3])
+
+
+def test_any_zarr_reader_sees_group_attributes_and_betas(store):
+    path, _ = store
+    g = zarr.open_group(str(path), mode="r")
+    meta = g.attrs["trajstore"]
+    assert meta["format"] == "ctraj" and meta["version"] == trajstore.FORMAT_VERSION
+    beta = g["experts/000001/beta"][...]
+    np.testing.assert_array_equal(beta, trajstore.open(path).expert(1).beta)
+    assert json.loads((path / "zarr.json").read_text())["node_type"] == "group"
+
+
+def test_betas_can_be_recomputed_for_other_anchors(store):
+    path, trajs = store
+    e = trajstore.open(path).expert(0)
+    two = trajstore.beta_from_norms(e.step_norms, (0, 10))
+    norms = e.step_norms
+    np.testing.assert_allclose(two[4], norms[:4].sum(0) / norms.sum(0))
+
+
+def test_constant_layer_gets_linear_schedule(tmp_path):
+    traj = random_walk()
+    for t in traj:
+        t[1] = traj[0][1].clone()
+    e = trajstore.open(write_store(tmp_path / "c.ctraj", [traj])).expert(0)
+    np.testing.assert_allclose(e.beta[:, 1], np.arange(11) / 10)
+    assert torch.equal(e.at(4.4)["conv.bias"], traj[0][1])
+
+
+def test_mct_smoothing_stores_smoothed_anchors(tmp_path):
+    traj = random_walk()
+    e = trajstore.open(write_store(tmp_path / "m.ctraj", [traj], waypoints=(4,), smoothing="mct")).expert(0)
+    want4 = [0.5 * traj[4][i] + 0.25 * traj[3][i] + 0.25 * traj[5][i] for i in range(4)]
+    want10 = [0.5 * traj[10][i] + 0.25 * traj[8][i] + 0.25 * traj[9][i] for i in range(4)]
+    for i, (name, _) in enumerate(SMALL_LAYERS):
+        torch.testing.assert_close(e.anchor(4)[name], want4[i])
+        torch.testing.assert_close(e.anchor(10)[name], want10[i])
+        assert torch.equal(e.anchor(0)[name], traj[0][i])

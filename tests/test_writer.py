@@ -1,0 +1,98 @@
+"""The streaming writer: bounded state, crash safety, concurrent processes."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SMALL_LAYERS, random_walk
+
+import trajstore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_streaming_keeps_only_history_and_anchors(tmp_path):
+    traj = random_walk(num_timesteps=31)
+    with trajstore.create(tmp_path / "s.ctraj", SMALL_LAYERS, 31, waypoints=(10,)) as w:
+        with w.expert() as ew:
+            for t, params in enumerate(traj):
+                ew.append(params)
+                assert len(ew._history) <= 3
+                assert set(ew._anchors) == {e for e in (0, 10, 30) if e <= t}
+    r = trajstore.open(tmp_path / "s.ctraj")
+    assert torch.equal(r.expert(0).anchor(10)["fc.weight"], traj[10][2])
+
+
+def test_writer_accepts_modules_and_state_dicts(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    with trajstore.create(tmp_path / "m.ctraj", net, 3) as w:
+        with w.expert() as ew:
+            for _ in range(3):
+                ew.append(net)
+                with torch.no_grad():
+                    for p in net.parameters():
+                        p.add_(0.1)
+    r = trajstore.open(tmp_path / "m.ctraj")
+    assert [l.name for l in r.layers] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    torch.testing.assert_close(r.expert(0).anchor(2)["1.bias"], net[1].bias.detach() - 0.1)
+
+
+WRITE_FOREVER = textwrap.dedent("""
+    import sys, torch, trajstore
+    sys.path.insert(0, {tests!r})
+    from helpers import SMALL_LAYERS, random_walk
+    traj = random_walk(num_timesteps=11)
+    with trajstore.create({out!r}, SMALL_LAYERS, 11) as w:
+        w.write_expert(traj)
+        print("first expert written", flush=True)
+        while True:
+            with w.expert() as ew:
+                for params in traj:
+                    ew.append(params)
+""")
+
+
+def test_writer_killed_mid_write_leaves_nothing_valid(tmp_path):
+    out = tmp_path / "k.ctraj"
+    code = WRITE_FOREVER.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout.readline().strip() == b"first expert written"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(trajstore.FormatError, match="unfinished write"):
+        trajstore.open(out)
+    with trajstore.create(out, SMALL_LAYERS, 11, append=True) as w:
+        done = w.existing_experts()
+        assert done[0] == 0
+    r = trajstore.open(out)  # finished experts survive the kill, each whole
+    assert r.num_experts == len(done)
+    r.verify()
+
+
+WRITE_RANK = textwrap.dedent("""
+    import sys, trajstore
+    sys.path.insert(0, {tests!r})
+    from helpers import SMALL_LAYERS, random_walk
+    rank = int(sys.argv[1])
+    with trajstore.create({out!r}, SMALL_LAYERS, 11, waypoints=(4,), append=True) as w:
+        for i in range(3):
+            w.write_expert(random_walk(seed=10 * rank + i), index=3 * rank + i)
+""")
+
+
+def test_concurrent_processes_write_different_experts(tmp_path):
+    out = tmp_path / "c.ctraj"
+    code = WRITE_RANK.format(tests=str(Path(__file__).parent), out=str(out))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], cwd=REPO) for rank in range(3)]
+    assert [p.wait() for p in procs] == [0, 0, 0]
+    r = trajstore.open(out)
+    assert r.expert_ids == list(range(9))
+    r.verify()
+    want = random_walk(seed=21)  # rank 2, i = 1 -> expert 7
+    assert torch.equal(r.expert(7).anchor(4)["conv.weight"], want[4][0])
