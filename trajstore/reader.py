@@ -98,16 +98,13 @@ class Expert:
         """(K, L) float64: ||theta_l(t+1) - theta_l(t)|| of the original trajectory."""
         return self._array(STEP_NORMS, (self.num_timesteps - 1, len(self._s.layers)))
 
-    def _anchor_tensors(self, epoch: int, device: torch.device, dtype) -> list[torch.Tensor]:
-        return self._s._anchor(self, epoch, device, dtype)
-
     def anchor(self, epoch: int, *, device=None, dtype=None) -> dict[str, torch.Tensor]:
         """The stored checkpoint at an anchor epoch, as fresh tensors."""
         if epoch not in self.anchor_epochs:
             raise OutOfRangeError(f"epoch {epoch} is not an anchor; anchors are {list(self.anchor_epochs)}",
                                   self._s.path)
-        tensors = self._anchor_tensors(epoch, _device(device), dtype)
-        return {layer.name: t.clone() for layer, t in zip(self._s.layers, tensors)}
+        tensors = self._s._anchor(self, epoch, _device(device), dtype)
+        return {layer.name: t.view(layer.shape).clone() for layer, t in zip(self._s.layers, tensors)}
 
     @property
     def anchors(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -120,21 +117,18 @@ class Expert:
         except OutOfRangeError as exc:
             raise OutOfRangeError(str(exc), self._s.path) from None
         dev = _device(device)
-        a = self._anchor_tensors(self.anchor_epochs[piece], dev, dtype)
-        b = self._anchor_tensors(self.anchor_epochs[piece + 1], dev, dtype)
-        layers = self._s.layers
+        a = self._s._anchor(self, self.anchor_epochs[piece], dev, dtype)
+        b = self._s._anchor(self, self.anchor_epochs[piece + 1], dev, dtype)
+        ws = weights.tolist()
         if flat:
-            out_dtype = a[0].dtype
-            if any(t.dtype != out_dtype for t in a):
+            if any(t.dtype != a[0].dtype for t in a):
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", self._s.path)
-            out = torch.empty(self._s.num_params, dtype=out_dtype, device=dev)
-            offset = 0
-            for ta, tb, w in zip(a, b, weights.tolist()):
-                n = ta.numel()
-                torch.lerp(ta.reshape(-1), tb.reshape(-1), w, out=out[offset : offset + n])
-                offset += n
+            out = torch.empty(self._s.num_params, dtype=a[0].dtype, device=dev)
+            for ta, tb, w, o in zip(a, b, ws, out.split(self._s._numels)):
+                torch.lerp(ta, tb, w, out=o)
             return out
-        return {layer.name: torch.lerp(ta, tb, w) for layer, ta, tb, w in zip(layers, a, b, weights.tolist())}
+        return {layer.name: torch.lerp(ta, tb, w).view(layer.shape)
+                for layer, ta, tb, w in zip(self._s.layers, a, b, ws)}
 
     def window(self, c: float, m: float, flat: bool = False, device=None, dtype=None):
         """(theta(c), theta(min(c + m, K))): the start and target of one matching iteration."""
@@ -172,7 +166,8 @@ class CTraj:
                               "(resume it with append=True, or remove it)", self.path)
         self.meta = meta
         self.layers = meta.layers
-        self.num_params = sum(layer.numel for layer in meta.layers)
+        self._numels = [layer.numel for layer in meta.layers]
+        self.num_params = sum(self._numels)
         self._ids = sorted(int(n) for n in self._store.listdir(EXPERTS)
                            if n.isdigit() and self._store.exists(f"{expert_dir(int(n))}/{ROOT_META}"))
         self._experts: dict[int, Expert] = {}
@@ -239,6 +234,7 @@ class CTraj:
     # -- anchor cache -------------------------------------------------------------------------
 
     def _anchor(self, expert: Expert, epoch: int, device: torch.device, dtype) -> list[torch.Tensor]:
+        """An anchor's layers as flat tensors: zero-copy mmap views on the CPU, cached copies elsewhere."""
         key = (expert.id, epoch, str(device), dtype)
         with self._lock:
             hit = self._cache.get(key)
@@ -247,7 +243,7 @@ class CTraj:
                 return hit
         rel = anchor_name(epoch)
         buf = expert._bytes(rel, mapped=True)
-        tensors = anchorfile.decode(buf, self.layers, self._describe(f"{expert._dir}/{rel}"))
+        tensors = [t.reshape(-1) for t in anchorfile.decode(buf, self.layers, self._describe(f"{expert._dir}/{rel}"))]
         if device.type != "cpu" or dtype is not None:
             tensors = [t.to(device=device, dtype=dtype or t.dtype, copy=True) for t in tensors]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
