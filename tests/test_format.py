@@ -201,3 +201,13 @@ def test_mct_smoothing_stores_smoothed_anchors(tmp_path):
         torch.testing.assert_close(e.anchor(4)[name], want4[i])
         torch.testing.assert_close(e.anchor(10)[name], want10[i])
         assert torch.equal(e.anchor(0)[name], traj[0][i])
+
+
+def test_flat_into_preallocated_out(store):
+    path, _ = store
+    e = trajstore.open(path).expert(1)
+    buf = torch.empty(trajstore.open(path).num_params)
+    assert e.at(6.6, flat=True, out=buf) is buf
+    assert torch.equal(buf, e.at(6.6, flat=True))
+    with pytest.raises(trajstore.TrajstoreError, match="out must be"):
+        e.at(1, flat=True, out=torch.empty(3))

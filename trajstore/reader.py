@@ -110,8 +110,11 @@ class Expert:
     def anchors(self) -> dict[int, dict[str, torch.Tensor]]:
         return {e: self.anchor(e) for e in self.anchor_epochs}
 
-    def at(self, c: float, flat: bool = False, device=None, dtype=None):
-        """theta(c), Eq. 10: a name -> tensor dict, or with flat=True one vector in parameter order."""
+    def at(self, c: float, flat: bool = False, device=None, dtype=None, out: torch.Tensor | None = None):
+        """theta(c), Eq. 10: a name -> tensor dict, or with flat=True one vector in parameter order.
+
+        With flat=True, `out` may be a preallocated vector to fill (saves an allocation per call).
+        """
         try:
             piece, weights = piece_weights(self.beta, self.anchor_epochs, c)
         except OutOfRangeError as exc:
@@ -123,7 +126,11 @@ class Expert:
         if flat:
             if any(t.dtype != a[0].dtype for t in a):
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", self._s.path)
-            out = torch.empty(self._s.num_params, dtype=a[0].dtype, device=dev)
+            if out is None:
+                out = torch.empty(self._s.num_params, dtype=a[0].dtype, device=dev)
+            elif out.shape != (self._s.num_params,) or out.dtype != a[0].dtype or out.device != a[0].device:
+                raise TrajstoreError(f"out must be a {a[0].dtype} vector of {self._s.num_params} values on "
+                                     f"{a[0].device}", self._s.path)
             for ta, tb, w, o in zip(a, b, ws, out.split(self._s._numels)):
                 torch.lerp(ta, tb, w, out=o)
             return out
