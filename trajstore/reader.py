@@ -33,7 +33,7 @@ class Expert:
         self._dir = expert_dir(expert_id)
         self._files: dict[str, str] | None = None
         self._arrays: dict[str, np.ndarray] = {}
-        self.provenance: dict = {}
+        self._provenance: dict = {}
 
     def __repr__(self):
         return f"<Expert {self.position} (id {self.id}) of {self._s.path}>"
@@ -41,6 +41,12 @@ class Expert:
     @property
     def anchor_epochs(self) -> tuple[int, ...]:
         return self._s.anchor_epochs
+
+    @property
+    def provenance(self) -> dict:
+        """Where this expert came from (source file, training log, ...), as its writer recorded it."""
+        self._manifest()
+        return self._provenance
 
     @property
     def num_timesteps(self) -> int:
@@ -53,7 +59,7 @@ class Expert:
             info = (doc.get("attributes") or {}).get("trajstore_expert")
             if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
                 raise FormatError("expert metadata lacks its file list", self._s._describe(key))
-            self.provenance = info.get("provenance") or {}
+            self._provenance = info.get("provenance") or {}
             self._files = info["files"]
         return self._files
 

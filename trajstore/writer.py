@@ -146,6 +146,7 @@ class Writer:
                               provenance=prov)
         self.single_file = single_file
         self._overwrite = overwrite
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._taken: set[int] = set()
         self._closed = False
         if single_file:
@@ -169,11 +170,9 @@ class Writer:
         else:
             self._root = self.path
             try:
-                self._root.mkdir(parents=False)
+                self._root.mkdir()
             except FileExistsError:  # another process created it first
                 self._join_existing()
-            except FileNotFoundError:
-                raise TrajstoreError("parent directory does not exist", self.path) from None
             else:
                 self._init_root()
 
