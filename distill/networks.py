@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from trajstore.errors import InvalidTensorError, TrajstoreError
+
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 POOLINGS = ("avgpooling", "maxpooling", "none")
 ACTIVATIONS = ("relu", "sigmoid", "leakyrelu")
@@ -25,6 +27,10 @@ _SUFFIXES = {
     "AP": {"pooling": "avgpooling"}, "MP": {"pooling": "maxpooling"}, "NP": {"pooling": "none"},
     "AS": {"activation": "sigmoid"}, "AR": {"activation": "relu"}, "AL": {"activation": "leakyrelu"},
 }
+
+
+class ModelError(TrajstoreError, ValueError):
+    """An unknown network name or an unsupported configuration."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ def config_for(model: str, channel: int, num_classes: int, im_size: Sequence[int
     base = ConvNetConfig(channel=channel, num_classes=num_classes, im_size=tuple(im_size))
     m = re.fullmatch(r"ConvNet(?:D(\d+)|W(\d+)|([A-Z]{2}))?", model)
     if not m:
-        raise ValueError(f"unknown model {model!r}: expected ConvNet, ConvNetD<depth>, ConvNetW<width>, "
+        raise ModelError(f"unknown model {model!r}: expected ConvNet, ConvNetD<depth>, ConvNetW<width>, "
                          f"or ConvNet{{{','.join(_SUFFIXES)}}}")
     depth, width, suffix = m.groups()
     overrides: dict = {}
@@ -66,7 +72,7 @@ def config_for(model: str, channel: int, num_classes: int, im_size: Sequence[int
         overrides["width"] = int(width)
     if suffix:
         if suffix not in _SUFFIXES:
-            raise ValueError(f"unknown ConvNet variant {model!r}")
+            raise ModelError(f"unknown ConvNet variant {model!r}")
         overrides.update(_SUFFIXES[suffix])
     return ConvNetConfig(**{**base.__dict__, **overrides})
 
@@ -75,7 +81,7 @@ class ConvNet(nn.Module):
     def __init__(self, config: ConvNetConfig = ConvNetConfig()):
         super().__init__()
         if config.norm not in NORMS or config.pooling not in POOLINGS or config.activation not in ACTIVATIONS:
-            raise ValueError(f"unsupported ConvNet configuration {config}")
+            raise ModelError(f"unsupported ConvNet configuration {config}")
         self.config = config
         self.features, feat = self._make_layers(config)
         self.classifier = nn.Linear(feat[0] * feat[1] * feat[2], config.num_classes)
@@ -134,7 +140,7 @@ class FunctionalNet:
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         if flat.numel() != self.num_params:
-            raise ValueError(f"flat vector has {flat.numel()} values, the network {self.num_params}")
+            raise InvalidTensorError(f"flat vector has {flat.numel()} values, the network {self.num_params}")
         return {n: p.view(s) for n, p, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -2,3 +2,55 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# -- legacy buffers, made the way upstream code makes them (trajstore.legacy tests) ----------------
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+LEGACY_MODEL = {"channel": 3, "num_classes": 4, "im_size": (32, 32), "width": 4, "depth": 3}
+
+
+@pytest.fixture
+def legacy_layers():
+    """(name, shape) of a tiny upstream ConvNet (width 4, depth 3, 4 classes, 32x32 images)."""
+    from trajstore.architectures import ConvNetSpec
+
+    return ConvNetSpec(**LEGACY_MODEL).layers()
+
+
+def legacy_walk(layers, num_timesteps: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """A trajectory like upstream's: K+1 timesteps, each a list of separate float32 tensors. A random
+    walk with per-layer drift whose steps draw their noise from a few fixed tensors, so big buffers
+    take few random numbers."""
+    g = torch.Generator().manual_seed(seed)
+    per_layer = []
+    for _, shape in layers:
+        start, drift = torch.randn((1, *shape), generator=g), 0.05 * torch.randn((1, *shape), generator=g)
+        noise = 0.02 * torch.randn((5, *shape), generator=g)
+        steps = drift + noise[torch.randint(0, 5, (num_timesteps - 1,), generator=g)]
+        per_layer.append(torch.cat([start, start + steps.cumsum(0)]))
+    return [[p[t].clone() for p in per_layer] for t in range(num_timesteps)]
+
+
+@pytest.fixture
+def legacy_write(legacy_layers):
+    """write(directory, num_experts, num_timesteps=11, per_file=10, seed=0, layers=None) -> trajectories,
+    saved as upstream does: `torch.save` of a list of trajectories into each replay_buffer_{n}.pt."""
+
+    def write(directory, num_experts, num_timesteps=11, per_file=10, seed=0, layers=None):
+        directory.mkdir(parents=True, exist_ok=True)
+        trajs = [legacy_walk(layers or legacy_layers, num_timesteps, seed=seed + i) for i in range(num_experts)]
+        for n, first in enumerate(range(0, num_experts, per_file)):
+            torch.save(trajs[first:first + per_file], directory / f"replay_buffer_{n}.pt")
+        return trajs
+
+    return write
+
+
+@pytest.fixture
+def legacy_buffer(tmp_path, legacy_write):
+    """(model directory buffers/CIFAR10_NO_ZCA/ConvNet, its trajectories): 5 experts x 11 timesteps, 2 per file."""
+    directory = tmp_path / "buffers" / "CIFAR10_NO_ZCA" / "ConvNet"
+    return directory, legacy_write(directory, 5, per_file=2)

@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-COMMANDS = ()
+COMMANDS = ("experts", "evaluate", "convert", "inspect", "verify", "export", "pack", "distill", "quickstart")
 
 for _name in COMMANDS:
     import_module(f"{__name__}.{_name}")

@@ -1,0 +1,64 @@
+"""`trajstore distill`: MCT on a .ctraj, or classic MTT on a legacy buffer / packed archive."""
+
+from __future__ import annotations
+
+import click
+
+from cli.main import cli
+
+
+def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        sides = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise click.BadParameter(f"expected a size like 32 or 32x32, got {value!r}")
+    return (sides[0], sides[-1])
+
+
+@cli.command("distill")
+@click.argument("source", type=click.Path())
+@click.option("--method", type=click.Choice(["mct", "mtt"]),
+              help="mct (a .ctraj) or mtt (a legacy buffer or packed archive); default: by what SOURCE is.")
+@click.option("--preset", help="Published settings, e.g. cifar10-ipc10, cifar100-ipc1, tinyimagenet-ipc50; "
+              "flags given explicitly override it.")
+@click.option("--ipc", type=click.IntRange(min=1), help="Synthetic images per class [1].")
+@click.option("--syn-steps", type=click.IntRange(min=1), help="N: student steps per iteration [20].")
+@click.option("--expert-epochs", type=float, help="M: how far ahead the target lies; real-valued for MCT [3].")
+@click.option("--max-start-epoch", type=float, help="Starts are drawn from [0, this] [25].")
+@click.option("--batch-syn", type=click.IntRange(min=1), help="Synthetic images per student step [all].")
+@click.option("--lr-img", type=float, help="Learning rate of the images [1000].")
+@click.option("--lr-lr", type=float, help="Learning rate of the learned step size [1e-5].")
+@click.option("--lr-teacher", type=float, help="Initial learned step size [the experts' lr, else 0.01].")
+@click.option("--iterations", type=click.IntRange(min=1), help="Distillation iterations [5000].")
+@click.option("--eval-every", type=click.IntRange(min=0), help="Evaluate every this many iterations; 0: only "
+              "at the end [500].")
+@click.option("--eval-nets", type=click.IntRange(min=1), help="Networks trained per evaluation [5].")
+@click.option("--eval-epochs", type=click.IntRange(min=0), help="Epochs each evaluation network trains [1000].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Iterations between checkpoints [100].")
+@click.option("--init", type=click.Choice(["real", "noise"]), help="Start from real images of each class "
+              "or from noise [real].")
+@click.option("--discrete", is_flag=True, default=None, help="Integer start epochs (the paper's ablation).")
+@click.option("--memory", type=click.Choice(["plain", "constant"]), help="constant: recompute each student "
+              "step in the backward pass, so memory does not grow with N [plain].")
+@click.option("--zca/--no-zca", default=None, help="ZCA-whiten the data [as the experts were trained].")
+@click.option("--dataset", help="Dataset [recorded in SOURCE]: digits, cifar10, cifar100, tinyimagenet, ...")
+@click.option("--data-path", type=click.Path(), help="Where the dataset's files are (not needed for digits).")
+@click.option("--model", help="Network [recorded in SOURCE, else ConvNet].")
+@click.option("--device", help="cuda, cpu, ... [CUDA when present].")
+@click.option("--seed", type=int, help="Seed of every random choice [0].")
+@click.option("--out", type=click.Path(), help="Output folder [<SOURCE name>-<method>-ipc<ipc>].")
+@click.option("--force", is_flag=True, help="Replace a finished (or unfinished) run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no per-evaluation lines.")
+def distill_command(source, preset, out, force, quiet, **settings):
+    """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run."""
+    from distill.run import DistillConfig, default_out_dir, distill
+
+    config = DistillConfig.from_preset(source, preset, **settings)
+    out = out or default_out_dir(config)
+    result = distill(config, out, overwrite=force, progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    click.echo(f"final set: {result.final_path} (test accuracy {result.final})")
+    click.echo(f"best set:  {result.best_path} (test accuracy {result.best}, iteration {result.best_iteration})")

@@ -1,0 +1,47 @@
+"""`trajstore evaluate`: test accuracy of a distilled set, or of the random real-subset baseline."""
+
+from __future__ import annotations
+
+import click
+
+from cli.main import cli
+
+
+@cli.command("evaluate")
+@click.argument("synset", required=False, type=click.Path())
+@click.option("--random", "random_baseline", is_flag=True,
+              help="Evaluate a random real subset of --ipc images per class instead of SYNSET.")
+@click.option("--ipc", type=click.IntRange(min=1), help="Images per class of the --random subset.")
+@click.option("--dataset", default="digits", show_default=True, help="Dataset of the --random baseline.")
+@click.option("--zca/--no-zca", default=False, show_default=True, help="ZCA space for the --random baseline.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Learning rate of the --random baseline "
+              "(a distilled set uses its learned lr).")
+@click.option("--data-path", type=click.Path(), help="Where the dataset's files are (not needed for digits).")
+@click.option("--num-nets", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", type=click.IntRange(min=0), help="Training epochs per network (default 1000, as upstream).")
+@click.option("--model", help="Network to train (default: the set's, else ConvNet).")
+@click.option("--dsa/--no-dsa", default=True, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", help="cuda, cpu, ... (default: CUDA when present, else the CPU).")
+@click.option("--grid", type=click.Path(), help="Also save the evaluated images as a PNG grid here.")
+@click.option("--force", is_flag=True, help="Replace an existing --grid PNG.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_command(synset, random_baseline, ipc, dataset, zca, lr, data_path, num_nets, epochs, model, dsa, seed,
+                     device, grid, force, quiet):
+    """Train fresh networks on SYNSET (the family's protocol) and print mean +- std test accuracy."""
+    from distill.evaluate import evaluate_file, evaluate_random
+
+    common = dict(data_path=data_path, num_nets=num_nets, epochs=epochs, dsa=dsa, seed=seed, device=device,
+                  progress=not quiet, grid=grid, overwrite=force)
+    if random_baseline:
+        if synset is not None or ipc is None:
+            raise click.UsageError("--random takes --ipc and no SYNSET")
+        result = evaluate_random(dataset, ipc=ipc, zca=zca, lr=lr, model=model or "ConvNet", **common)
+        what = f"random {ipc} images per class of {dataset}"
+    else:
+        if synset is None:
+            raise click.UsageError("give a SYNSET file, or --random --ipc N for the baseline")
+        result = evaluate_file(synset, model=model, **common)
+        what = synset
+    click.echo(f"{what}: test accuracy {result}")
+    click.echo("per network: " + ", ".join(f"{100 * a:.2f}" for a in result.accuracies))

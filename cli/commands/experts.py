@@ -1,0 +1,50 @@
+"""`trajstore experts`: train expert trajectories straight into a .ctraj."""
+
+from __future__ import annotations
+
+import click
+
+from cli.main import cli
+
+
+def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated epochs like 6,25, got {value!r}") from None
+
+
+@cli.command("experts")
+@click.argument("out", type=click.Path())
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits, cifar10, cifar100, tinyimagenet, imagefolder or folder:<path>.")
+@click.option("--data-path", type=click.Path(), help="Where the dataset's files are (not needed for digits).")
+@click.option("--model", default="ConvNet", show_default=True, help="ConvNet, ConvNetD4, ConvNetW256, ConvNetBN, ...")
+@click.option("--num-experts", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.01, show_default=True, type=float)
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--momentum", default=0.0, show_default=True, type=float)
+@click.option("--waypoints", callback=_int_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
+@click.option("--zca/--no-zca", default=False, show_default=True, help="ZCA-whiten the data (kornia, eps 0.1).")
+@click.option("--dsa/--no-dsa", default=True, show_default=True, help="Differentiable siamese augmentation.")
+@click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when present, else the CPU).")
+@click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
+@click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
+def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, waypoints, zca,
+                    dsa, legacy_dir, seed, device, plot, force, quiet):
+    """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job."""
+    from distill.experts import plot_accuracy, train_experts
+
+    path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
+                         epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca,
+                         waypoints=waypoints, legacy_dir=legacy_dir, seed=seed, device=device,
+                         progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    click.echo(f"wrote {path}")
+    if plot:
+        click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force)}")

@@ -1,0 +1,132 @@
+"""Evaluate a distilled set with the family's protocol, and the "Random" real-subset baseline.
+
+Protocol (upstream `utils.evaluate_synset`, reference §6): fresh networks trained on the set with SGD
+(momentum 0.9, weight decay 5e-4, batch 256) at the learned lr for epochs + 1 passes, the lr multiplied
+by 0.1 (with a fresh optimizer, as upstream) after pass epochs // 2 + 1, DSA on; then the test accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trajstore.errors import TrajstoreError
+
+from .augment import seeded_dsa
+from .data import Dataset, load_dataset
+from .networks import build
+from .synset import load_synset, save_grid
+from .train import accuracy, derived_seed, resolve_device, train_epoch
+
+EPOCHS = 1000
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+BATCH_SIZE = 256
+BASELINE_LR = 0.01  # upstream's lr_net default, used for real-image baselines
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Test accuracies in [0, 1] of each network, their mean and (population) std, as upstream reports."""
+
+    mean: float
+    std: float
+    accuracies: tuple[float, ...]
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} +- {100 * self.std:.2f} % over {len(self.accuracies)} networks"
+
+
+def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, *, lr: float, num_nets: int = 5,
+                    epochs: int | None = None, model: str = "ConvNet", dsa: bool = True, seed: int = 0,
+                    device: str | torch.device | None = None, progress: bool = True,
+                    batch_size: int = BATCH_SIZE) -> EvalResult:
+    """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set."""
+    epochs = EPOCHS if epochs is None else int(epochs)
+    if num_nets < 1 or epochs < 0 or not lr > 0:
+        raise TrajstoreError(f"need num_nets >= 1, epochs >= 0 and lr > 0 (got {num_nets}, {epochs}, {lr})")
+    if tuple(images.shape[1:]) != (dataset.channel, *dataset.im_size):
+        raise TrajstoreError(f"images of shape {tuple(images.shape[1:])} do not fit {dataset.name}'s "
+                             f"{(dataset.channel, *dataset.im_size)}")
+    dev = resolve_device(device)
+    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.int64)
+    test_images, test_labels = dataset.test_images.to(dev), dataset.test_labels.to(dev)
+    decay_after = epochs // 2 + 1
+    accuracies = []
+    with tqdm(total=num_nets * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
+        for k in range(num_nets):
+            s = derived_seed(seed, k)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                net = build(model, dataset.channel, dataset.num_classes, dataset.im_size).to(dev)
+            generator = torch.Generator().manual_seed(s)
+            augment = seeded_dsa(generator) if dsa else None
+            rate = float(lr)
+            optimizer = torch.optim.SGD(net.parameters(), lr=rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+            for ep in range(epochs + 1):
+                train_epoch(net, images, labels, optimizer=optimizer, batch_size=batch_size, augment=augment,
+                            device=dev, generator=generator)
+                if ep == decay_after:
+                    rate *= 0.1
+                    optimizer = torch.optim.SGD(net.parameters(), lr=rate, momentum=MOMENTUM,
+                                                weight_decay=WEIGHT_DECAY)
+                bar.update()
+            accuracies.append(accuracy(net, test_images, test_labels, device=dev))
+            bar.set_postfix(last=f"{100 * accuracies[-1]:.2f}%")
+    return EvalResult(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies))
+
+
+def random_subset(dataset: Dataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ipc random real training images of every class, class by class (the "Random" baseline's set)."""
+    if ipc < 1:
+        raise TrajstoreError(f"ipc must be >= 1, got {ipc}")
+    rng = np.random.default_rng(seed)
+    labels = dataset.train_labels.numpy()
+    picks = []
+    for c in range(dataset.num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < ipc:
+            raise TrajstoreError(f"class {c} of {dataset.name} has {len(idx)} training images, fewer than ipc={ipc}")
+        picks.append(rng.permutation(idx)[:ipc])
+    idx = torch.from_numpy(np.concatenate(picks))
+    return dataset.train_images[idx].clone(), dataset.train_labels[idx].clone()
+
+
+def evaluate_file(path: str | os.PathLike, *, data_path: str | os.PathLike | None = None, num_nets: int = 5,
+                  epochs: int | None = None, model: str | None = None, dsa: bool = True, seed: int = 0,
+                  device: str | torch.device | None = None, progress: bool = True,
+                  grid: str | os.PathLike | None = None, overwrite: bool = False) -> EvalResult:
+    """Evaluate a distilled-set file on the test set of the data it was distilled from.
+
+    The test set is whitened with the file's own ZCA state, so it matches the set exactly. model
+    defaults to the file's (else ConvNet); grid, when given, is where the set's PNG grid goes
+    (replacing an existing file only with overwrite).
+    """
+    syn = load_synset(path)
+    meta = syn.meta
+    dataset = load_dataset(meta["dataset"], data_path=data_path, im_size=meta["im_size"],
+                           channels=meta.get("channel", syn.images.shape[1]),
+                           zca=syn.zca or False, seed=int(meta.get("split_seed", 0)))
+    if grid is not None:
+        save_grid(grid, syn.images, syn.labels, syn, class_names=dataset.class_names, overwrite=overwrite)
+    return evaluate_synset(syn.images, syn.labels, dataset, lr=syn.lr, num_nets=num_nets, epochs=epochs,
+                           model=model or meta.get("model", "ConvNet"), dsa=dsa, seed=seed, device=device,
+                           progress=progress)
+
+
+def evaluate_random(dataset: str = "digits", *, ipc: int, data_path: str | os.PathLike | None = None,
+                    zca: bool = False, lr: float = BASELINE_LR, num_nets: int = 5, epochs: int | None = None,
+                    model: str = "ConvNet", dsa: bool = True, seed: int = 0,
+                    device: str | torch.device | None = None, progress: bool = True,
+                    grid: str | os.PathLike | None = None, overwrite: bool = False) -> EvalResult:
+    """The "Random" baseline: a random real subset of ipc images per class, evaluated like a distilled set."""
+    ds = load_dataset(dataset, data_path=data_path, zca=zca)
+    images, labels = random_subset(ds, ipc, seed)
+    if grid is not None:
+        save_grid(grid, images, labels, ds, overwrite=overwrite)
+    return evaluate_synset(images, labels, ds, lr=lr, num_nets=num_nets, epochs=epochs, model=model, dsa=dsa,
+                           seed=seed, device=device, progress=progress)

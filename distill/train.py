@@ -1,0 +1,62 @@
+"""The epoch loops shared by expert training and evaluation (upstream `utils.epoch`), on tensors in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of run `index` (an expert, an evaluation network) of a seeded job, independent of the others."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, else CUDA when present, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+                batch_size: int, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                device: str | torch.device, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """One pass over shuffled minibatches with cross-entropy; returns (mean loss, accuracy) seen in training.
+
+    generator: a CPU generator for the shuffle, so a seeded run replays; None uses torch's global one.
+    """
+    net.train()
+    device = torch.device(device)
+    total_loss, correct = 0.0, 0
+    for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
+        x = images[idx.to(images.device)].to(device, non_blocking=True)
+        y = labels[idx.to(labels.device)].to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
+        out = net(x)
+        loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += int((out.argmax(1) == y).sum())
+    return total_loss / len(labels), correct / len(labels)
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 512,
+             device: str | torch.device) -> float:
+    """Top-1 accuracy in [0, 1], in eval mode, without augmentation."""
+    was_training = net.training
+    net.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        y = labels[start:start + batch_size].to(device, non_blocking=True)
+        correct += int((net(x).argmax(1) == y).sum())
+    net.train(was_training)
+    return correct / len(labels)

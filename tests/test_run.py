@@ -1,0 +1,185 @@
+"""Distillation runs end to end: resume after a crash, evaluations and the best set, refusals, presets, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import distill.run as run_module
+from cli.main import cli
+from distill.evaluate import EvalResult
+from distill.experts import train_experts
+from distill.presets import PRESETS, get_preset
+from distill.run import DistillConfig, distill
+from distill.synset import load_synset
+from trajstore import ExistsError, TrajstoreError
+
+MODEL = "ConvNetW8"
+# Tiny but real: digits at 8x8, 4 epochs per expert, a few 2-step iterations, 2-epoch evaluations.
+TINY = dict(ipc=1, syn_steps=2, expert_epochs=1.5, max_start_epoch=2, iterations=6, eval_every=3, eval_nets=1,
+            eval_epochs=2, checkpoint_every=2, lr_img=100.0, lr_lr=1e-7)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """Two experts trained on 400 digits, as a .ctraj (anchors 0, 1, 4) and as the legacy MTT buffer."""
+    from distill.data import load_dataset
+
+    root = tmp_path_factory.mktemp("experts")
+    ds = load_dataset("digits", im_size=(8, 8), channels=1).subset(400)
+    ctraj = train_experts(root / "digits.ctraj", dataset=ds, model=MODEL, num_experts=2, epochs=4, waypoints=(1,),
+                          legacy_dir=root / "legacy", progress=False, log=lambda _: None)
+    return ctraj, root / "legacy"
+
+
+def tiny(source, **overrides) -> DistillConfig:
+    return DistillConfig(source=source, **{**TINY, **overrides})
+
+
+def records(out, kind):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in lines if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(experts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "whole"
+    return distill(tiny(experts[0]), out, progress=False, log=lambda _: None)
+
+
+def test_a_killed_run_resumes_to_the_same_result(experts, uninterrupted, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    real_step = run_module.Matcher.step
+    calls = []
+
+    def dying_step(self):
+        if len(calls) == 5:  # iterations 0-4 done; last checkpoint at 4, so iteration 4 is redone
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(self)
+
+    monkeypatch.setattr(run_module.Matcher, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny(experts[0]), out, progress=False, log=lambda _: None)
+    assert not (out / "result.json").exists()
+    assert len(records(out, "step")) == 5  # the metrics hold an iteration the checkpoint does not
+    monkeypatch.setattr(run_module.Matcher, "step", real_step)
+
+    lines = []
+    resumed = distill(tiny(experts[0]), out, progress=False, log=lines.append)
+    assert any("resuming at iteration 4" in line for line in lines)
+    for name in ("synset_final.safetensors", "synset_best.safetensors"):
+        a, b = load_synset(uninterrupted.out_dir / name), load_synset(out / name)
+        assert torch.equal(a.images, b.images) and a.lr == b.lr
+    assert resumed.final == uninterrupted.final and resumed.best_iteration == uninterrupted.best_iteration
+    assert records(out, "step") == records(uninterrupted.out_dir, "step")  # no record lost or doubled
+    assert records(out, "eval") == records(uninterrupted.out_dir, "eval")
+
+
+def test_evaluations_are_logged_and_the_best_set_is_kept(experts, tmp_path, monkeypatch):
+    accuracies = iter([0.2, 0.9, 0.5])
+    seen = []
+
+    def fake_evaluate(images, labels, dataset, *, lr, **kwargs):
+        seen.append(images.detach().clone())
+        acc = next(accuracies)
+        return EvalResult(acc, 0.01, (acc,))
+
+    monkeypatch.setattr(run_module, "evaluate_synset", fake_evaluate)
+    result = distill(tiny(experts[0]), tmp_path / "out", progress=False, log=lambda _: None)
+    evals = records(result.out_dir, "eval")
+    assert [e["iteration"] for e in evals] == [0, 3, 6]
+    assert [e["mean"] for e in evals] == [0.2, 0.9, 0.5]
+    assert [r["iteration"] for r in records(result.out_dir, "step")] == list(range(6))
+    assert result.best_iteration == 3 and result.best.mean == 0.9 and result.final.mean == 0.5
+    best, final = load_synset(result.best_path), load_synset(result.final_path)
+    assert torch.equal(best.images, seen[1]) and torch.equal(final.images, seen[2])
+    assert not torch.equal(best.images, final.images)
+    assert best.meta["iteration"] == 3 and best.meta["method"] == "mct" and best.meta["model"] == MODEL
+    for png in ("accuracy.png", "grid_init.png", "grid_best.png", "grid_final.png"):
+        assert (result.out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((result.out_dir / "result.json").read_text())
+    assert saved["best_iteration"] == 3 and len(saved["evals"]) == 3
+
+
+def test_real_evaluations_and_classic_mtt_on_the_legacy_buffer(experts, uninterrupted, tmp_path):
+    assert [e["iteration"] for e in records(uninterrupted.out_dir, "eval")] == [0, 3, 6]
+    assert 0 <= uninterrupted.final.mean <= 1 and len(uninterrupted.final.accuracies) == 1
+    result = distill(tiny(experts[1], expert_epochs=1, dataset="digits", model=MODEL), tmp_path / "mtt",
+                     progress=False, log=lambda _: None)
+    assert result.method == "mtt"
+    starts = [r["start"] for r in records(result.out_dir, "step")]
+    assert all(s in (0.0, 1.0) for s in starts)  # integer epochs below max_start_epoch, as upstream
+    assert load_synset(result.final_path).images.shape == (10, 1, 8, 8)
+
+
+def test_zca_mismatch_is_refused_before_anything_is_written(experts, tmp_path):
+    with pytest.raises(TrajstoreError, match="trained without ZCA whitening but this run is with it"):
+        distill(tiny(experts[0], zca=True), tmp_path / "out", progress=False, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_is_kept_unless_overwritten(experts, uninterrupted, tmp_path):
+    with pytest.raises(ExistsError, match="finished"):
+        distill(tiny(experts[0]), uninterrupted.out_dir, progress=False, log=lambda _: None)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ExistsError, match="holds no distillation run"):
+        distill(tiny(experts[0]), tmp_path / "other", overwrite=True, progress=False, log=lambda _: None)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_resuming_with_other_settings_is_refused(experts, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_module.Matcher, "step", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny(experts[0]), tmp_path / "out", progress=False, log=lambda _: None)
+    with pytest.raises(TrajstoreError, match="lr_img: 100.0 there, 50.0 now"):
+        distill(tiny(experts[0], lr_img=50.0), tmp_path / "out", progress=False, log=lambda _: None)
+
+
+def test_sources_and_methods_must_agree(experts, tmp_path):
+    with pytest.raises(TrajstoreError, match="convert it first"):
+        distill(tiny(experts[1], method="mct", dataset="digits", model=MODEL), tmp_path / "a", progress=False)
+    with pytest.raises(TrajstoreError, match="use --method mct"):
+        distill(tiny(experts[0], method="mtt"), tmp_path / "b", progress=False)
+    with pytest.raises(TrajstoreError, match="max_start_epoch=9"):  # beyond K = 4: refused up front
+        distill(tiny(experts[0], max_start_epoch=9), tmp_path / "c", progress=False)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_presets_follow_the_published_tables_and_flags_override_them(experts, tmp_path):
+    assert len(PRESETS) == 9 and {p.ipc for p in PRESETS.values()} == {1, 10, 50}
+    p = get_preset("CIFAR10-ipc10")  # reference section 5: N/M/max_start/lr_img/lr_lr 30/15/8/1e3/1e-5
+    assert (p.syn_steps, p.expert_epochs, p.max_start_epoch, p.lr_img, p.lr_lr) == (30, 15, 8, 1e3, 1e-5)
+    tiny_in = get_preset("tinyimagenet-ipc50")
+    assert tiny_in.model == "ConvNetD4" and tiny_in.batch_syn == 300
+    config = DistillConfig.from_preset(experts[0], "cifar100-ipc1", syn_steps=7, lr_lr=None, iterations=3)
+    assert (config.syn_steps, config.iterations, config.preset) == (7, 3, "cifar100-ipc1")
+    assert (config.expert_epochs, config.max_start_epoch, config.lr_lr, config.zca) == (3, 20, 1e-5, True)
+    assert DistillConfig.from_preset(experts[0], None, ipc=3).syn_steps == DistillConfig.syn_steps
+    with pytest.raises(TrajstoreError, match="unknown preset 'cifar10-ipc2'; known: cifar10-ipc1"):
+        get_preset("cifar10-ipc2")
+    with pytest.raises(TrajstoreError, match="trained on digits but this run is set up for cifar10"):
+        distill(DistillConfig.from_preset(experts[0], "cifar10-ipc1"), tmp_path / "x", progress=False)
+
+
+def test_cli_distills_refuses_to_overwrite_and_forces(experts, tmp_path):
+    out = tmp_path / "cli"
+    args = ["distill", str(experts[0]), "--syn-steps", "2", "--expert-epochs", "1.5", "--max-start-epoch", "2",
+            "--iterations", "2", "--eval-every", "0", "--eval-nets", "1", "--eval-epochs", "1", "--lr-img", "100",
+            "--memory", "constant", "--init", "noise", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "final set:" in result.output and (out / "synset_final.safetensors").is_file()
+    assert [e["iteration"] for e in records(out, "eval")] == [2]  # --eval-every 0: only at the end
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["memory"], saved["init"], saved["syn_steps"], saved["lr_lr"]) == ("constant", "noise", 2, 1e-5)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "holds a finished distillation run" in again.output
+    assert "Traceback" not in again.output and len(again.output.strip().splitlines()) == 1
+    assert CliRunner().invoke(cli, args + ["--force"]).exit_code == 0
+    bad = CliRunner().invoke(cli, ["distill", str(experts[0]), "--preset", "nope", "--out", str(tmp_path / "n")])
+    assert bad.exit_code == 1 and "unknown preset 'nope'" in bad.output

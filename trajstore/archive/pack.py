@@ -1,0 +1,147 @@
+"""`pack` a legacy buffer into the lossless archive and `unpack` it back into MTT buffer files."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__, atomic
+from ..errors import ExistsError, FormatError, TrajstoreError
+from ..layers import Layer
+from ..legacy import open_buffer
+from ..legacy.mct import MCTPairBuffer
+from .codec import XorDeltaCodec
+from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
+                    open_archive, trajectory_sha256)
+
+# Chosen by measurement on trained ConvNet trajectories (docs/format.md, "Archive (pack) layout"): a
+# chunk holds STRIDE timesteps of one layer (51 = 3 x 17), so reading any (expert, t) decodes one
+# chunk per layer, within 1% of the size of whole-trajectory chunks; blosc's byte shuffle + zstd at
+# level 1 in 1 MiB blocks was as small as higher levels and the fastest.
+STRIDE = 17
+BLOSC = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
+
+
+@dataclass(frozen=True)
+class PackReport:
+    """What packing wrote."""
+
+    out: Path
+    experts: int
+    num_timesteps: int
+    bytes_written: int
+    source_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_written / self.source_bytes
+
+    def __str__(self) -> str:
+        return (f"packed {self.experts} experts x {self.num_timesteps} timesteps into {self.out}: "
+                f"{self.bytes_written:,} bytes = {100 * self.ratio:.1f}% of the source's {self.source_bytes:,} bytes")
+
+
+def _codecs(layer: Layer) -> dict:
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+    return {"filters": [XorDeltaCodec(axis=1)], "serializer": BytesCodec(endian="little"),
+            "compressors": [BloscCodec(typesize=layer.torch_dtype.itemsize, **BLOSC), Crc32cCodec()]}
+
+
+def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
+    """(timesteps, numel) unsigned bit patterns of one layer's tensors."""
+    stacked = torch.stack([t.detach().reshape(-1) for t in tensors])
+    return stacked.view(SIGNED[stacked.element_size()]).numpy().view(BITS[stacked.element_size()])
+
+
+def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
+         architecture=None, kind: str | None = None) -> PackReport:
+    """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
+    if is_archive(src):
+        raise TrajstoreError("is already a packed archive", src)
+    source = open_buffer(src, architecture=architecture, kind=kind)
+    if isinstance(source, MCTPairBuffer):
+        raise FormatError(f"is an MCT waypoint store ({source.kind}), already compressed; convert it to a "
+                          ".ctraj instead (packing keeps full trajectories)", src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic.temp_sibling(out, "build")
+    try:
+        store = LocalStore(tmp)
+        root = zarr.open_group(store=store, mode="w")
+        root.create_group("params")
+        arrays = []
+        shape = (source.num_experts, source.num_timesteps)
+        for index, layer in enumerate(source.layers):
+            arrays.append(zarr.create_array(
+                store, name=array_name(index), shape=(*shape, layer.numel), dtype=BITS[layer.torch_dtype.itemsize],
+                chunks=(1, min(STRIDE, source.num_timesteps), max(layer.numel, 1)), fill_value=0,
+                attributes={"layer": layer.to_json()}, config={"write_empty_chunks": True}, **_codecs(layer)))
+        experts = []
+        with tqdm(total=source.num_experts, unit="expert", desc="pack", disable=not progress) as bar:
+            for i, steps in enumerate(source.iter_trajectories()):
+                for index, arr in enumerate(arrays):
+                    arr[i] = _bits([step[index] for step in steps])
+                experts.append({**source.source_of(i), "sha256": trajectory_sha256(steps)})
+                bar.update()
+        root.attrs[ATTRIBUTE] = {
+            "format": FORMAT, "version": VERSION, "num_experts": source.num_experts,
+            "num_timesteps": source.num_timesteps, "stride": min(STRIDE, source.num_timesteps),
+            "layers": [layer.to_json() for layer in source.layers], "architecture": source.architecture,
+            "training": source.training, "experts": experts,
+            "source": {"path": str(Path(src).resolve()), "kind": source.kind, "bytes": source.nbytes,
+                       "files": [{**f, "trajectories": n} for f, n in zip(source.source_files(), source.file_counts)]},
+            "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "tool": f"trajstore {__version__}"},
+        }
+        open_archive(tmp)  # what was written must read back before it replaces anything
+        atomic.publish_dir(tmp, out, overwrite=overwrite)
+    finally:
+        atomic.remove(tmp)
+    packed = open_archive(out)
+    return PackReport(out=out, experts=packed.num_experts, num_timesteps=packed.num_timesteps,
+                      bytes_written=packed.nbytes, source_bytes=source.nbytes)
+
+
+def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
+           overwrite: bool = False, progress: bool = True) -> list[Path]:
+    """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
+    `per_file` per file (None: the packed source's own file names and partition), each tensor
+    bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
+    from ..export import write_buffer_dir
+
+    buf: ArchiveBuffer = open_archive(archive)
+    if per_file is None:
+        groups: dict[str, list[int]] = {}
+        for i in range(buf.num_experts):
+            groups.setdefault(buf.source_of(i)["file"], []).append(i)
+        plan = list(groups.items())
+    elif per_file < 1:
+        raise TrajstoreError(f"per_file must be at least 1, got {per_file}")
+    else:
+        plan = [(f"replay_buffer_{n}.pt", list(range(first, min(first + per_file, buf.num_experts))))
+                for n, first in enumerate(range(0, buf.num_experts, per_file))]
+
+    def files(bar):
+        for name, experts in plan:
+            trajectories = []
+            for i in experts:
+                steps = buf.trajectory(i)
+                buf.check(i, steps)
+                trajectories.append([[t.clone() for t in step] for step in steps])  # a storage per tensor
+                bar.update()
+            yield name, trajectories
+
+    with tqdm(total=buf.num_experts, unit="expert", desc="unpack", disable=not progress) as bar:
+        return write_buffer_dir(Path(out_dir), files(bar), overwrite=overwrite)

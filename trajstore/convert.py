@@ -1,0 +1,98 @@
+"""`convert`: a legacy buffer (any layout of trajstore.legacy) or a packed archive -> a .ctraj.
+
+Experts are streamed through the .ctraj writer one timestep at a time; the writer keeps only the
+previous timesteps, the running step norms and the anchors, and each source timestep's mapped pages
+are released once written, so memory stays far below one source file (and one trajectory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import atomic
+from .archive import is_archive, open_archive
+from .beta import anchor_epochs_with
+from .errors import ExistsError, InvalidTensorError
+from .legacy import LegacyBuffer, open_buffer
+from .reader import open as open_ctraj
+from .writer import create
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What a conversion wrote."""
+
+    out: Path
+    experts: int
+    num_timesteps: int
+    anchor_epochs: tuple[int, ...]
+    bytes_written: int
+    source_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Bytes written over source bytes."""
+        return self.bytes_written / self.source_bytes
+
+    def __str__(self) -> str:
+        return (f"wrote {self.out}: {self.experts} experts x {self.num_timesteps} timesteps, anchors "
+                f"{list(self.anchor_epochs)}; {self.bytes_written:,} bytes = {100 * self.ratio:.2f}% of the "
+                f"source's {self.source_bytes:,} bytes")
+
+
+def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None = None) -> LegacyBuffer:
+    """Full trajectories from a legacy buffer or a packed archive, behind the LegacyBuffer interface."""
+    if is_archive(src):
+        return open_archive(src)
+    return open_buffer(src, architecture=architecture, kind=kind)
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequence[int] = (),
+            smoothing: str | None = None, single_file: bool = False, overwrite: bool = False,
+            architecture=None, progress: bool = True, kind: str | None = None,
+            training: dict | None = None) -> ConvertReport:
+    """Convexify every expert of `src` into a new .ctraj at `out`.
+
+    Anchors are epochs 0 and K plus `waypoints` (MCT uses 6, 25 for CIFAR-10); an MCT waypoint store
+    keeps its own waypoints unless others are given. `smoothing="mct"` smooths inner and end anchors
+    as the official MCT code does. `architecture` names the tensors (see `trajstore.legacy.open_buffer`);
+    `training` is merged over what the buffer's directory name says (dataset, ZCA).
+    """
+    if Path(out).exists() and not overwrite:  # before scanning and hashing the whole source
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
+    source = open_source(src, architecture=architecture, kind=kind)
+    if waypoints:
+        anchors = anchor_epochs_with(waypoints, source.num_timesteps)
+    else:
+        anchors = source.anchor_epochs or (0, source.num_timesteps - 1)
+    info = {"epochs": source.num_timesteps - 1, **source.training, **(training or {})}
+    provenance = {
+        "converted_from": str(Path(src).resolve()),
+        "source_kind": source.kind,
+        "sources": source.source_files(),
+    }
+    fresh = not Path(out).exists()
+    try:
+        with create(out, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
+                    architecture=source.architecture, training=info, provenance=provenance,
+                    single_file=single_file, overwrite=overwrite) as writer:
+            for i in tqdm(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
+                origin = source.source_of(i)
+                try:
+                    writer.write_expert(source.timesteps(i), provenance={"source": origin})
+                except InvalidTensorError as exc:  # e.g. NaN weights: name the source, not the output
+                    raise InvalidTensorError(f"trajectory {origin['index']} cannot be stored: {exc}",
+                                             source.file_of(i)) from None
+    except BaseException:
+        if fresh:  # a conversion is not resumable: leave nothing half-written behind
+            atomic.remove(Path(out))
+        raise
+    store = open_ctraj(out)
+    return ConvertReport(out=Path(out), experts=store.num_experts, num_timesteps=store.num_timesteps,
+                         anchor_epochs=store.anchor_epochs, bytes_written=store.nbytes,
+                         source_bytes=source.nbytes)

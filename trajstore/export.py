@@ -1,0 +1,79 @@
+"""`export_mtt`: a .ctraj -> a legacy MTT buffer of its convexified trajectories.
+
+Any MTT-family `distill.py` then trains on the convexified trajectories unchanged: files
+`replay_buffer_0.pt`, `_1`, ... (numbered from 0 without gaps, as upstream readers probe them), each
+`torch.save` of a plain list of trajectories, each the K+1 timesteps theta(0..K) materialised with
+`Expert.at(t)`, each timestep a list of contiguous CPU float32 tensors in parameter order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import atomic
+from .errors import ExistsError, TrajstoreError
+from .reader import open as open_ctraj
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """An output directory may be absent or empty; anything else is replaced only with overwrite."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise ExistsError("exists and is not a directory", out_dir)
+    if any(out_dir.iterdir()) and not overwrite:
+        raise ExistsError("already exists and is not empty (pass overwrite=True / --force to replace it)", out_dir)
+
+
+def write_buffer_dir(out_dir: Path, files: Iterable[tuple[str, list]], *, overwrite: bool) -> list[Path]:
+    """`torch.save` each (name, trajectories) of `files` into a hidden sibling of `out_dir`, then move it
+    into place: the directory appears complete or not at all. `files` is consumed lazily, so only one
+    file's trajectories are held at a time."""
+    check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic.temp_sibling(out_dir, "build")
+    tmp.mkdir()
+    names = []
+    try:
+        for name, trajectories in files:
+            torch.save(trajectories, tmp / name)
+            names.append(name)
+            del trajectories
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # an empty directory made beforehand is taken as "write here"
+        atomic.publish_dir(tmp, out_dir, overwrite=overwrite)
+    finally:
+        atomic.remove(tmp)
+    return [out_dir / name for name in names]
+
+
+def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int = 10,
+               overwrite: bool = False, progress: bool = True) -> list[Path]:
+    """Write the MTT buffer files of every expert of `ctraj_path` into `out_dir`; returns the files.
+
+    An existing non-empty directory is replaced only with `overwrite`. One output file (per_file
+    trajectories) is held in memory at a time, as upstream does.
+    """
+    if per_file < 1:
+        raise TrajstoreError(f"per_file must be at least 1, got {per_file}")
+    store = open_ctraj(ctraj_path)
+    # float32 stores are read zero-copy; others are cast, since MTT buffers hold float32
+    dtype = None if all(layer.dtype == "F32" for layer in store.layers) else torch.float32
+
+    def files(bar):
+        for n, first in enumerate(range(0, store.num_experts, per_file)):
+            trajectories = []
+            for i in range(first, min(first + per_file, store.num_experts)):
+                expert = store.expert(i)
+                trajectories.append([[t.contiguous() for t in expert.at(c, dtype=dtype).values()]
+                                     for c in range(store.num_timesteps)])
+                bar.update()
+            yield f"replay_buffer_{n}.pt", trajectories
+
+    with tqdm(total=store.num_experts, unit="expert", desc="export", disable=not progress) as bar:
+        return write_buffer_dir(Path(out_dir), files(bar), overwrite=overwrite)

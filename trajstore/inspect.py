@@ -1,0 +1,137 @@
+"""`summary`, `verify` and `plot_betas`: what a .ctraj, a packed archive or a legacy buffer holds."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import atomic
+from .archive import is_archive
+from .convert import open_source
+from .errors import ExistsError, TrajstoreError
+from .layers import Layer
+from .layout import ROOT_META
+from .legacy.sizes import mtt_buffer_nbytes
+from .reader import CTraj
+from .reader import open as open_ctraj
+
+MTT_DTYPE = torch.float32  # what MTT buffers (and export_mtt) hold, whatever the store's dtype
+
+
+def kind_of(path: str | os.PathLike) -> str:
+    """"ctraj", "archive" or "legacy" (anything else is left to the legacy reader to refuse)."""
+    p = Path(path)
+    if is_archive(p):
+        return "archive"
+    if p.is_dir():
+        return "ctraj" if (p / ROOT_META).is_file() else "legacy"
+    if p.is_file() and zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as zf:  # torch files are zips too; a .ctraj has a root zarr.json
+            return "ctraj" if ROOT_META in zf.namelist() else "legacy"
+    return "legacy"
+
+
+def mtt_nbytes(layers, num_timesteps: int, num_experts: int, per_file: int = 10) -> int:
+    """Exact bytes of the MTT buffer files (`replay_buffer_{n}.pt`, `per_file` float32 trajectories each)
+    that hold `num_experts` trajectories of `num_timesteps` timesteps of these layers (Layers or shapes).
+
+    Computed by laying out torch's zip format around the records torch's own pickler writes, so it
+    matches `torch.save` of this torch version to the byte (see trajstore.legacy.sizes).
+    """
+    shapes = [layer.shape if isinstance(layer, Layer) else tuple(layer) for layer in layers]
+    if num_experts < 0 or per_file < 1:
+        raise TrajstoreError(f"cannot size {num_experts} experts at {per_file} per file")
+    return mtt_buffer_nbytes(shapes, [MTT_DTYPE] * len(shapes), num_timesteps, num_experts, per_file)
+
+
+def _layer_rows(layers) -> list[dict]:
+    return [{"name": layer.name, "shape": list(layer.shape), "count": layer.numel, "dtype": layer.dtype}
+            for layer in layers]
+
+
+def summary(path: str | os.PathLike) -> dict:
+    """One JSON-ready dict: num_experts, num_timesteps, anchors, layers [{name, shape, count, dtype}],
+    bytes (on disk), legacy_bytes (the same experts as MTT .pt files, see `mtt_nbytes`), ratio, and
+    what the store records about architecture and training."""
+    kind = kind_of(path)
+    if kind == "ctraj":
+        held = open_ctraj(path)
+        out = {"kind": kind, "anchors": list(held.anchor_epochs), "smoothing": held.smoothing}
+    else:
+        held = open_source(path)  # a legacy buffer stores every epoch (MCT's waypoint stores: waypoints)
+        out = {"kind": kind if kind == "archive" else f"legacy {held.kind}", "files": len(held.files),
+               "anchors": list(held.anchor_epochs or range(held.num_timesteps))}
+    out.update({"path": str(path), "num_experts": held.num_experts, "num_timesteps": held.num_timesteps,
+                "num_params": held.num_params, "layers": _layer_rows(held.layers), "bytes": held.nbytes,
+                "architecture": held.architecture, "training": held.training})
+    out["legacy_bytes"] = mtt_nbytes(held.layers, out["num_timesteps"], out["num_experts"])
+    out["ratio"] = out["bytes"] / out["legacy_bytes"] if out["legacy_bytes"] else None
+    return out
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """Re-check structure and every checksum (a .ctraj or an archive) or every trajectory (a legacy
+    buffer); raises the first problem as a trajstore error, else returns what was checked."""
+    kind = kind_of(path)
+    if kind == "ctraj":
+        store = open_ctraj(path)
+        store.verify()
+        return {"kind": kind, "path": str(path), "num_experts": store.num_experts}
+    source = open_source(path)
+    source.verify()
+    return {"kind": kind if kind == "archive" else f"legacy {source.kind}", "path": str(path),
+            "num_experts": source.num_experts}
+
+
+def plot_betas(ctraj, png: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Draw each layer's beta schedule (mean over experts, band from min to max) against the epoch.
+
+    Each piece between anchors runs from 0 to 1; a straight diagonal would be uniform progress.
+    `ctraj` is a path or an open store; an existing PNG is replaced only with `overwrite`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = ctraj if isinstance(ctraj, CTraj) else open_ctraj(ctraj)
+    betas = np.stack([e.beta for e in store])  # (E, K+1, L)
+    epochs = store.anchor_epochs
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    colors = plt.get_cmap("tab20")
+    for piece, (a, b) in enumerate(zip(epochs, epochs[1:])):
+        x = np.arange(a, b + 1)
+        values = betas[:, a : b + 1].copy()
+        values[:, -1] = 1.0  # the end of a piece is 1 by definition (stored as the next piece's 0)
+        for l, layer in enumerate(store.layers):
+            color = colors(l % 20)
+            ax.fill_between(x, values[:, :, l].min(0), values[:, :, l].max(0), color=color, alpha=0.12, lw=0)
+            ax.plot(x, values[:, :, l].mean(0), color=color, lw=1.2,
+                    label=layer.name if piece == 0 and l < 20 else None)
+        ax.plot([a, b], [0, 1], color="black", ls=":", lw=0.8, label="uniform" if piece == 0 else None)
+    for e in epochs[1:-1]:
+        ax.axvline(e, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("epoch (timestep)")
+    ax.set_ylabel("beta (position within the piece)")
+    experts = f"{store.num_experts} expert{'s' if store.num_experts != 1 else ''}"
+    ax.set_title(f"{Path(store.path).name}: per-layer beta, {experts}, anchors {list(epochs)}")
+    ax.set_xlim(0, epochs[-1])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    png = Path(png)
+    if png.exists() and not overwrite:
+        plt.close(fig)
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", png)
+    tmp = atomic.temp_sibling(png)
+    try:
+        fig.savefig(tmp, format="png")
+        atomic.publish_file(tmp, png, overwrite=overwrite)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return png
