@@ -1,0 +1,41 @@
+"""Every benchmark runs end to end at a tiny size and writes its JSON result (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from benchmarks import bench_convert, bench_interpolation, bench_sampling, bench_storage
+
+
+def result(path):
+    doc = json.loads(path.read_text())
+    assert doc["machine"]["cpu_count"] >= 1 and doc["command"]
+    return doc["results"]
+
+
+def test_interpolation(tmp_path):
+    r = result(bench_interpolation.main(["--width", "8", "--timesteps", "5", "--repeat", "3",
+                                         "--out", str(tmp_path / "i.json")]))
+    assert r["cpu"]["ratio_at_over_copy"] > 0 and r["cpu"]["bytes"] > 0
+
+
+def test_sampling(tmp_path):
+    r = result(bench_sampling.main(["--experts", "3", "--per-file", "2", "--width", "8", "--timesteps", "6",
+                                    "--max-start-epoch", "2", "--repeat", "3", "--out", str(tmp_path / "s.json")]))
+    assert r["ctraj_bytes"] < r["file_bytes"]
+    assert r["cpu"]["load_all_ram_bytes"] > 0
+
+
+def test_convert(tmp_path):
+    r = result(bench_convert.main(["--experts", "2", "--width", "8", "--timesteps", "30",
+                                   "--out", str(tmp_path / "c.json")]))
+    assert r["convert"]["seconds"] > 0 and r["torch_load"]["seconds"] > 0
+
+
+def test_storage(tmp_path):
+    r = result(bench_storage.main(["--experts", "1", "--epochs", "2", "--datasets", "cifar10",
+                                   "--train-images", "16", "--out", str(tmp_path / "st.json")]))["cifar10"]
+    assert r["num_params"] == 320010
+    assert r["ctraj_two_anchors_bytes"] < r["ctraj_four_anchors_bytes"] <= r["legacy_bytes"]
+    assert r["expert_test_acc"][0] is not None
+    assert r["ratio_pack"] < 1
