@@ -6,7 +6,10 @@ GPU memory belongs to that configuration alone. Loss and gradients are reported 
 give the same numbers, only their memory differs.
 
     python -m benchmarks.bench_matching_memory [--steps 10,20,40] [--modes plain,constant] [--ipc 10]
-        [--batch-syn 100] [--device cpu|cuda] [--repeat 2] [--out benchmarks/results/matching_memory.json]
+        [--batch-syn 100] [--device cpu|cuda] [--repeat 2] [--warmup 1] [--out benchmarks/results/matching_memory.json]
+
+Mind the plain mode's memory on a CPU: at ipc 10 with the whole set per step it grows by ~300 MiB per step
+(N = 40 needs ~12 GiB); --batch-syn bounds it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from benchmarks.common import peak_rss_bytes, write_result
 
 
 def measure(memory: str, syn_steps: int, *, ipc: int, batch_syn: int | None, width: int, im_size: int,
-            device: str, repeat: int, dsa: bool, seed: int) -> dict:
-    """One configuration in this process: `repeat` iterations (forward unroll + backward), timed."""
+            device: str, repeat: int, warmup: int, dsa: bool, seed: int) -> dict:
+    """One configuration in this process: `warmup` untimed iterations (forward unroll + backward), then
+    `repeat` timed ones."""
     from distill.augment import dsa as dsa_augment
     from distill.matching import SyntheticSet, match_loss, plan_unroll
     from distill.networks import FunctionalNet, build, flat_parameters
@@ -45,7 +49,7 @@ def measure(memory: str, syn_steps: int, *, ipc: int, batch_syn: int | None, wid
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds = []
-    for _ in range(repeat):
+    for k in range(warmup + repeat):
         synset.images.grad = synset.syn_lr.grad = None
         t0 = time.perf_counter()
         loss = match_loss(student, synset.images, synset.labels, synset.syn_lr, start, target, plan,
@@ -53,7 +57,8 @@ def measure(memory: str, syn_steps: int, *, ipc: int, batch_syn: int | None, wid
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
+        if k >= warmup:
+            seconds.append(time.perf_counter() - t0)
     peak = peak_rss_bytes()
     return {"memory": memory, "syn_steps": syn_steps, "seconds_per_iteration": statistics.median(seconds),
             "seconds_all": seconds, "peak_rss_bytes": peak, "setup_rss_bytes": setup_rss,
@@ -67,8 +72,8 @@ def _child(args, memory: str, syn_steps: int) -> dict:
     """Run one configuration in a fresh interpreter and read back its JSON line."""
     cmd = [sys.executable, "-m", "benchmarks.bench_matching_memory", "--child", memory, str(syn_steps),
            "--ipc", str(args.ipc), "--width", str(args.width), "--im-size", str(args.im_size),
-           "--device", args.device, "--repeat", str(args.repeat), "--seed", str(args.seed),
-           "--dsa" if args.dsa else "--no-dsa"]
+           "--device", args.device, "--repeat", str(args.repeat), "--warmup", str(args.warmup),
+           "--seed", str(args.seed), "--dsa" if args.dsa else "--no-dsa"]
     if args.batch_syn:
         cmd += ["--batch-syn", str(args.batch_syn)]
     if args.threads:
@@ -101,7 +106,8 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--im-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeat", type=int, default=2, help="iterations per configuration (median time reported)")
+    p.add_argument("--repeat", type=int, default=2, help="timed iterations per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -111,7 +117,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = dict(ipc=args.ipc, batch_syn=args.batch_syn, width=args.width, im_size=args.im_size,
-                    device=args.device, repeat=args.repeat, dsa=args.dsa, seed=args.seed)
+                    device=args.device, repeat=args.repeat, warmup=args.warmup, dsa=args.dsa, seed=args.seed)
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), **settings)))
         return None
@@ -120,9 +126,9 @@ def main(argv=None):
         for mode in args.modes.split(","):
             runs.append(_child(args, mode, n))
             r = runs[-1]
-            mem = r["cuda_peak_allocated_bytes"] if r["cuda_peak_allocated_bytes"] is not None else r["iteration_rss_bytes"]
-            print(f"{mode:8s} N={n:3d}: {r['seconds_per_iteration']:.2f} s/iteration, "
-                  f"{mem / 2**20:.0f} MiB ({'GPU peak' if r['cuda_peak_allocated_bytes'] is not None else 'RSS growth'})",
+            gpu = r["cuda_peak_allocated_bytes"]
+            mem, what = (gpu, "GPU peak") if gpu is not None else (r["iteration_rss_bytes"], "RSS growth")
+            print(f"{mode:8s} N={n:3d}: {r['seconds_per_iteration']:.2f} s/iteration, {mem / 2**20:.0f} MiB ({what})",
                   flush=True)
     return write_result(args.out, "matching_memory", {k: v for k, v in vars(args).items() if k != "child"},
                         {"runs": runs, "max_relative_difference_between_modes": _agreement(runs)})

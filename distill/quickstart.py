@@ -205,7 +205,8 @@ def run_quickstart(out_dir: str | os.PathLike | None = None, *, scale: str = "fu
                       eval_every=s.eval_every, eval_nets=s.eval_nets, eval_epochs=s.eval_epochs, seed=seed,
                       device=device)
         runs: dict[str, DistillResult] = {}
-        for step, method, source, m in ((2, "mct", ctraj, s.mct_expert_epochs), (3, "mtt", legacy, s.mtt_expert_epochs)):
+        plan = ((2, "mct", ctraj, s.mct_expert_epochs), (3, "mtt", legacy, s.mtt_expert_epochs))
+        for step, method, source, m in plan:
             say(f"{step}/4 distilling ipc 1 with {method.upper()} from {source}")
             config = DistillConfig(source=str(source), method=method, expert_epochs=m, **common)
             finished = (out / method / RESULT).is_file()  # by this quickstart's settings: see _prepare
