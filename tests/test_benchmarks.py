@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_convert, bench_interpolation, bench_sampling, bench_storage
+from benchmarks import bench_convergence, bench_convert, bench_interpolation, bench_sampling, bench_storage
 
 
 def result(path):
@@ -39,3 +39,17 @@ def test_storage(tmp_path):
     assert r["ctraj_two_anchors_bytes"] < r["ctraj_four_anchors_bytes"] <= r["legacy_bytes"]
     assert r["expert_test_acc"][0] is not None
     assert r["ratio_pack"] < 1
+
+
+def test_convergence(tmp_path):
+    r = result(bench_convergence.main(["--scale", "smoke", "--iterations", "2", "--eval-every", "1",
+                                       "--eval-nets", "1", "--png", str(tmp_path / "c.png"),
+                                       "--out", str(tmp_path / "cv.json")]))
+    assert set(r) == {"mct_seed0", "mtt_seed0"}
+    assert [it for it, _, _ in r["mct_seed0"]["curve"]] == [0, 1, 2]
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_convergence_point_is_where_the_curve_stays_within_two_percent():
+    evals = [{"iteration": i, "mean": m} for i, m in [(0, 0.5), (10, 0.80), (20, 0.70), (30, 0.795), (40, 0.81)]]
+    assert bench_convergence.converged_at(evals) == 30

@@ -1,0 +1,89 @@
+"""Distillation convergence (MCT Figure 3a/b): MCT against MTT on digits, same seeds and budget.
+
+Experts are trained once (the quickstart's "full" scale: ConvNetW32 on 8x8 digits, 50 epochs, a
+.ctraj and the legacy buffer of the same runs); then both methods distill ipc 1 with every setting
+shared but M, evaluating every `--eval-every` iterations. Reported per method: the accuracy curve,
+the iterations needed to come within 2% of its own best and stay there (the paper's convergence
+point), the best accuracy, and seconds per iteration. A PNG shows both curves.
+
+    python -m benchmarks.bench_convergence [--iterations 400] [--eval-every 25] [--seeds 0]
+        [--work DIR] [--out benchmarks/results/convergence.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_result
+from distill.data import load_dataset
+from distill.experts import train_experts
+from distill.quickstart import EXPERT_LR, SCALES
+from distill.run import METRICS, DistillConfig, distill, plot_accuracy
+
+EPSILON = 0.02
+
+
+def converged_at(evals: list[dict], epsilon: float = EPSILON) -> int:
+    """First evaluated iteration from which every later accuracy stays within epsilon of the best."""
+    best = max(e["mean"] for e in evals)
+    for i, e in enumerate(evals):
+        if all(best - later["mean"] < epsilon for later in evals[i:]):
+            return e["iteration"]
+    return evals[-1]["iteration"]
+
+
+def step_seconds(run_dir: Path) -> float:
+    lines = (run_dir / METRICS).read_text().splitlines()
+    return statistics.median(r["seconds"] for r in map(json.loads, lines) if r["kind"] == "step")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-nets", type=int, default=3)
+    p.add_argument("--seeds", default="0", help="comma-separated distillation seeds")
+    p.add_argument("--scale", default="full", choices=sorted(SCALES))
+    p.add_argument("--work", default=None, help="keep experts and runs here (default: a temporary dir)")
+    p.add_argument("--png", default="benchmarks/results/convergence.png")
+    p.add_argument("--out", default="benchmarks/results/convergence.json")
+    args = p.parse_args(argv)
+    s = SCALES[args.scale]
+    torch.set_num_threads(1)  # small networks: see distill.quickstart
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        ds = load_dataset("digits", im_size=(s.im_size, s.im_size), channels=1)
+        ctraj, legacy = work / "experts.ctraj", work / "legacy"
+        train_experts(ctraj, dataset=ds, model=s.model, num_experts=s.num_experts, epochs=s.epochs, lr=EXPERT_LR,
+                      batch_size=s.batch_size, waypoints=s.waypoints, legacy_dir=legacy, seed=0, log=lambda _: None)
+        results, curves = {}, {}
+        for seed in map(int, args.seeds.split(",")):
+            for method, source, m in (("mct", ctraj, s.mct_expert_epochs), ("mtt", legacy, s.mtt_expert_epochs)):
+                config = DistillConfig(source=str(source), method=method, expert_epochs=m, dataset="digits",
+                                       model=s.model, ipc=1, syn_steps=s.syn_steps, max_start_epoch=s.max_start_epoch,
+                                       lr_img=s.lr_img, lr_lr=s.lr_lr, lr_teacher=EXPERT_LR,
+                                       iterations=args.iterations, eval_every=args.eval_every,
+                                       eval_nets=args.eval_nets, eval_epochs=s.eval_epochs, seed=seed)
+                run_dir = work / f"{method}_seed{seed}"
+                r = distill(config, run_dir, overwrite=True, progress=False, log=lambda _: None)
+                evals = list(r.evals)
+                key = f"{method}_seed{seed}"
+                curves[f"{method.upper()} (seed {seed})"] = evals
+                results[key] = {
+                    "method": method, "seed": seed, "expert_epochs": m,
+                    "curve": [(e["iteration"], e["mean"], e["std"]) for e in evals],
+                    "best": max(e["mean"] for e in evals), "converged_at": converged_at(evals),
+                    "median_seconds_per_iteration": step_seconds(run_dir),
+                }
+        plot_accuracy(curves, args.png, title=f"digits ipc 1: MCT vs MTT ({args.iterations} iterations)")
+    return write_result(args.out, "convergence", vars(args), results)
+
+
+if __name__ == "__main__":
+    main()
