@@ -5,21 +5,13 @@ from __future__ import annotations
 import click
 
 from cli.main import cli
-
-
-def epochs_list(ctx, param, value: str | None) -> tuple[int, ...]:
-    if not value:
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated epochs like 6,25, got {value!r}") from None
+from cli.options import epoch_list
 
 
 @cli.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("out", type=click.Path())
-@click.option("--waypoints", callback=epochs_list, help="Inner anchor epochs, e.g. 6,25 (default: start and end only).")
+@click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: start and end only).")
 @click.option("--smooth", is_flag=True, help="Smooth inner and end anchors as the official MCT code does.")
 @click.option("--single-file", is_flag=True, help="Write the single-file (zip) form.")
 @click.option("--arch", help="Architecture naming the tensors: ConvNet, ConvNetD4, ConvNetBN, ... (default: inferred).")

@@ -5,15 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.main import cli
-
-
-def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
-    if not value:
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated epochs like 6,25, got {value!r}") from None
+from cli.options import epoch_list
 
 
 @cli.command("experts")
@@ -27,7 +19,7 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
 @click.option("--lr", default=0.01, show_default=True, type=float)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--momentum", default=0.0, show_default=True, type=float)
-@click.option("--waypoints", callback=_int_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
+@click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
 @click.option("--zca/--no-zca", default=False, show_default=True, help="ZCA-whiten the data (kornia, eps 0.1).")
 @click.option("--dsa/--no-dsa", default=True, show_default=True, help="Differentiable siamese augmentation.")
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
