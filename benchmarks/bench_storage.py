@@ -17,6 +17,8 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import torch
+
 import trajstore
 from benchmarks.common import write_result
 from distill.data import load_dataset
@@ -75,6 +77,7 @@ def main(argv=None):
     p.add_argument("--work", default=None, help="keep the trained experts here (default: a temporary dir)")
     p.add_argument("--out", default="benchmarks/results/storage.json")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread trains small nets fastest (distill.quickstart)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         results = {name: measure(name, work, experts=args.experts, epochs=args.epochs,
