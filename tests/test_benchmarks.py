@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_convergence, bench_convert, bench_interpolation, bench_sampling, bench_storage
+from benchmarks import bench_convergence, bench_convert, bench_matching_memory, bench_interpolation, bench_sampling, bench_storage
 
 
 def result(path):
@@ -53,3 +53,13 @@ def test_convergence(tmp_path):
 def test_convergence_point_is_where_the_curve_stays_within_two_percent():
     evals = [{"iteration": i, "mean": m} for i, m in [(0, 0.5), (10, 0.80), (20, 0.70), (30, 0.795), (40, 0.81)]]
     assert bench_convergence.converged_at(evals) == 30
+
+
+def test_matching_memory(tmp_path):
+    r = result(bench_matching_memory.main(["--steps", "1,2", "--ipc", "1", "--width", "4", "--im-size", "8",
+                                           "--repeat", "1", "--warmup", "0", "--threads", "1",
+                                           "--out", str(tmp_path / "m.json")]))
+    runs = {(x["memory"], x["syn_steps"]): x for x in r["runs"]}
+    assert set(runs) == {("plain", 1), ("constant", 1), ("plain", 2), ("constant", 2)}
+    for n in (1, 2):  # same numbers in both modes; only memory differs
+        assert runs[("plain", n)]["loss"] == pytest.approx(runs[("constant", n)]["loss"], rel=1e-4)
