@@ -6,82 +6,36 @@ indices here must match upstream's for buffers to map 1:1 (reference table: lega
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from trajstore.architectures import ConvNetSpec, spec_for
 from trajstore.errors import InvalidTensorError, TrajstoreError
-
-NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
-POOLINGS = ("avgpooling", "maxpooling", "none")
-ACTIVATIONS = ("relu", "sigmoid", "leakyrelu")
-
-# Upstream model names -> overrides of the default ConvNet (width 128, depth 3, relu, instancenorm, avgpool).
-_SUFFIXES = {
-    "BN": {"norm": "batchnorm"}, "LN": {"norm": "layernorm"}, "IN": {"norm": "instancenorm"},
-    "GN": {"norm": "groupnorm"}, "NN": {"norm": "none"},
-    "AP": {"pooling": "avgpooling"}, "MP": {"pooling": "maxpooling"}, "NP": {"pooling": "none"},
-    "AS": {"activation": "sigmoid"}, "AR": {"activation": "relu"}, "AL": {"activation": "leakyrelu"},
-}
 
 
 class ModelError(TrajstoreError, ValueError):
     """An unknown network name or an unsupported configuration."""
 
 
-@dataclass(frozen=True)
-class ConvNetConfig:
-    channel: int = 3
-    num_classes: int = 10
-    im_size: tuple[int, int] = (32, 32)
-    width: int = 128
-    depth: int = 3
-    activation: str = "relu"
-    norm: str = "instancenorm"
-    pooling: str = "avgpooling"
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["im_size"] = list(self.im_size)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ConvNetConfig":
-        d = dict(d)
-        d.pop("name", None)
-        d["im_size"] = tuple(d.get("im_size", (32, 32)))
-        return cls(**d)
+# The family's configurations live with the layer tables trajstore infers names from, so the two
+# can never disagree; a ConvNet is built from one.
+ConvNetConfig = ConvNetSpec
 
 
 def config_for(model: str, channel: int, num_classes: int, im_size: Sequence[int]) -> ConvNetConfig:
     """Upstream names: ConvNet, ConvNetD4, ConvNetW256, ConvNetBN, ConvNetMP, ConvNetAS, ..."""
-    base = ConvNetConfig(channel=channel, num_classes=num_classes, im_size=tuple(im_size))
-    m = re.fullmatch(r"ConvNet(?:D(\d+)|W(\d+)|([A-Z]{2}))?", model)
-    if not m:
-        raise ModelError(f"unknown model {model!r}: expected ConvNet, ConvNetD<depth>, ConvNetW<width>, "
-                         f"or ConvNet{{{','.join(_SUFFIXES)}}}")
-    depth, width, suffix = m.groups()
-    overrides: dict = {}
-    if depth:
-        overrides["depth"] = int(depth)
-    if width:
-        overrides["width"] = int(width)
-    if suffix:
-        if suffix not in _SUFFIXES:
-            raise ModelError(f"unknown ConvNet variant {model!r}")
-        overrides.update(_SUFFIXES[suffix])
-    return ConvNetConfig(**{**base.__dict__, **overrides})
+    try:
+        return spec_for(model, channel, num_classes, im_size)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 class ConvNet(nn.Module):
     def __init__(self, config: ConvNetConfig = ConvNetConfig()):
         super().__init__()
-        if config.norm not in NORMS or config.pooling not in POOLINGS or config.activation not in ACTIVATIONS:
-            raise ModelError(f"unsupported ConvNet configuration {config}")
         self.config = config
         self.features, feat = self._make_layers(config)
         self.classifier = nn.Linear(feat[0] * feat[1] * feat[2], config.num_classes)

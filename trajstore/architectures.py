@@ -96,6 +96,15 @@ class ConvNetSpec:
         d["im_size"] = list(self.im_size)
         return {"name": self.name, **d}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "ConvNetSpec":
+        """Inverse of to_json; extra keys (such as "name") are ignored."""
+        fields = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in fields}
+        if "im_size" in kwargs:
+            kwargs["im_size"] = tuple(kwargs["im_size"])
+        return cls(**kwargs)
+
 
 def spec_for(model: str, channel: int = 3, num_classes: int = 10,
              im_size: Sequence[int] = (32, 32)) -> ConvNetSpec:

@@ -18,9 +18,8 @@ import torch
 from . import anchorfile, atomic, checksums
 from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
 from .errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
-from .layers import Layer, as_tensor_list, layer_table
-from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir,
-                     group_json, load_json)
+from .layers import as_tensor_list, layer_table
+from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, group_json
 from .singlefile import write_single_file
 
 SMOOTHING = ("mct",)
