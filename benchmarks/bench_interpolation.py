@@ -39,9 +39,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--timesteps", type=int, default=51)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 gives stable timings on a shared machine")
     p.add_argument("--repeat", type=int, default=200)
     p.add_argument("--out", default="benchmarks/results/interpolation.json")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     layers = convnet_layers(width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
         _, path = write_pair(Path(tmp), layers, experts=1, num_timesteps=args.timesteps, waypoints=())

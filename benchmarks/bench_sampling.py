@@ -80,9 +80,12 @@ def main(argv=None):
     p.add_argument("--timesteps", type=int, default=51)
     p.add_argument("--expert-epochs", type=int, default=2, help="M")
     p.add_argument("--max-start-epoch", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 gives stable timings on a shared machine")
     p.add_argument("--repeat", type=int, default=100)
     p.add_argument("--out", default="benchmarks/results/sampling.json")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     layers = convnet_layers(width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
         files, ctraj = write_pair(Path(tmp), layers, experts=args.experts, num_timesteps=args.timesteps,
