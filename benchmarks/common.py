@@ -47,8 +47,15 @@ def timeit(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, sync:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process so far.
+
+    On Linux VmHWM is this process's own; ru_maxrss would carry over the parent's peak across fork.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_result(path: str | os.PathLike, name: str, params: dict, results: dict) -> Path:

@@ -165,3 +165,13 @@ def test_a_diverged_expert_is_refused_naming_its_source(tmp_path, legacy_buffer)
     with pytest.raises(trajstore.InvalidTensorError, match=r"replay_buffer_0.pt: trajectory 1 cannot be stored: .*NaN"):
         convert(directory, tmp_path / "x.ctraj", progress=False)
     assert not (tmp_path / "x.ctraj").exists()
+
+
+def test_conversion_runs_single_threaded_and_restores_the_thread_count(tmp_path, legacy_buffer):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        convert(legacy_buffer, tmp_path / "t.ctraj", progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

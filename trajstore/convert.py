@@ -21,6 +21,7 @@ from .errors import ExistsError, InvalidTensorError
 from .legacy import LegacyBuffer, open_buffer
 from .reader import open as open_ctraj
 from .writer import create
+from .threads import single_threaded
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None =
     return open_buffer(src, architecture=architecture, kind=kind)
 
 
+@single_threaded()
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequence[int] = (),
             smoothing: str | None = None, single_file: bool = False, overwrite: bool = False,
             architecture=None, progress: bool = True, kind: str | None = None,

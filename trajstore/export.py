@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .errors import ExistsError, TrajstoreError
 from .reader import open as open_ctraj
+from .threads import single_threaded
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -52,6 +53,7 @@ def write_buffer_dir(out_dir: Path, files: Iterable[tuple[str, list]], *, overwr
     return [out_dir / name for name in names]
 
 
+@single_threaded()
 def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int = 10,
                overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Write the MTT buffer files of every expert of `ctraj_path` into `out_dir`; returns the files.

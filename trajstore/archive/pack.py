@@ -19,6 +19,7 @@ from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
 from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
                     open_archive, trajectory_sha256)
+from ..threads import single_threaded
 
 # Chosen by measurement on trained ConvNet trajectories (docs/format.md, "Archive (pack) layout"): a
 # chunk holds STRIDE timesteps of one layer (51 = 3 x 17), so reading any (expert, t) decodes one
@@ -60,6 +61,7 @@ def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
     return stacked.view(SIGNED[stacked.element_size()]).numpy().view(BITS[stacked.element_size()])
 
 
+@single_threaded()
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
          architecture=None, kind: str | None = None) -> PackReport:
     """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
@@ -114,6 +116,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                       bytes_written=packed.nbytes, source_bytes=source.nbytes)
 
 
+@single_threaded()
 def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
            overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
