@@ -171,7 +171,7 @@ def test_conversion_runs_single_threaded_and_restores_the_thread_count(tmp_path,
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        convert(legacy_buffer, tmp_path / "t.ctraj", progress=False)
+        convert(legacy_buffer[0], tmp_path / "t.ctraj", progress=False)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
