@@ -49,6 +49,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     out = Path(out)
     if num_experts < 1 or epochs < 1:
         raise TrajstoreError(f"need at least one expert and one epoch (got {num_experts}, {epochs})")
+    dev = resolve_device(device)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_path=data_path, zca=zca)
     config = config_for(model, ds.channel, ds.num_classes, ds.im_size)
     architecture = {"name": model, **config.to_json()}
@@ -56,7 +57,6 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                 "optimizer": "SGD", "dsa": dsa, "dsa_strategy": STRATEGY if dsa else None, "seed": seed,
                 "num_train": len(ds.train_labels)}
     _check_resumable(out, architecture, training)
-    dev = resolve_device(device)
     train = ds.train_images.to(dev), ds.train_labels.to(dev)
     test = ds.test_images.to(dev), ds.test_labels.to(dev)
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trajstore.errors import TrajstoreError
+
 
 def derived_seed(seed: int, index: int) -> int:
     """The seed of run `index` (an expert, an evaluation network) of a seeded job, independent of the others."""
@@ -17,9 +19,15 @@ def derived_seed(seed: int, index: int) -> int:
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The given device, else CUDA when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise TrajstoreError(f"unknown device {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrajstoreError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
 
 
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,

@@ -158,5 +158,10 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path):
     assert "Traceback" not in bad.output and not (tmp_path / "x").exists()
     bad = runner.invoke(cli, ["experts", str(tmp_path / "x"), "--model", "ResNet", "--quiet"])
     assert bad.exit_code == 1 and "unknown model 'ResNet'" in bad.output
+    if not torch.cuda.is_available():
+        bad = runner.invoke(cli, ["experts", str(tmp_path / "x"), "--device", "cuda", "--quiet"])
+        assert bad.exit_code == 1 and "CUDA is not available" in bad.output
+    bad = runner.invoke(cli, ["experts", str(tmp_path / "x"), "--device", "tpu", "--quiet"])
+    assert bad.exit_code == 1 and "unknown device 'tpu'" in bad.output
     bad = runner.invoke(cli, ["experts", str(tmp_path / "x"), "--waypoints", "6,x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output
