@@ -29,13 +29,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 import trajstore
 from trajstore import atomic
 from trajstore.errors import ExistsError, TrajstoreError
 from trajstore.legacy import open_buffer
+from trajstore.threads import single_threaded
 
 from .data import load_dataset
 from .evaluate import BASELINE_LR, EvalResult, evaluate_synset, random_subset
@@ -140,19 +140,6 @@ def _pct(result: EvalResult) -> str:
     return f"{100 * result.mean:.2f} +- {100 * result.std:.2f} %"
 
 
-@contextlib.contextmanager
-def _threads(device: torch.device):
-    """One CPU thread: with networks this small, splitting each operation over cores costs more in
-    synchronisation than it gains (measured ~8x slower with 2 threads on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _prepare(out: Path, settings: dict, force: bool) -> None:
     marker = out / MARKER
     if out.exists():
@@ -187,7 +174,9 @@ def run_quickstart(out_dir: str | os.PathLike | None = None, *, scale: str = "fu
         with tqdm.external_write_mode():
             log(message)
 
-    with _threads(dev):
+    # One CPU thread: for networks this small, splitting each operation over cores costs more than it
+    # gains (measured ~8x slower with 2 threads on a busy 2-core machine).
+    with single_threaded() if dev.type == "cpu" else contextlib.nullcontext():
         say(f"trajstore quickstart ({scale}) -> {out}")
         ds = load_dataset("digits", im_size=(s.im_size, s.im_size), channels=1)
         ctraj, legacy = out / "experts.ctraj", out / "legacy"

@@ -21,24 +21,13 @@ from .errors import ExistsError, InvalidTensorError
 from .legacy import LegacyBuffer, open_buffer
 from .reader import open as open_ctraj
 from .writer import create
+from .reports import WriteReport
 from .threads import single_threaded
 
 
 @dataclass(frozen=True)
-class ConvertReport:
-    """What a conversion wrote."""
-
-    out: Path
-    experts: int
-    num_timesteps: int
-    anchor_epochs: tuple[int, ...]
-    bytes_written: int
-    source_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        """Bytes written over source bytes."""
-        return self.bytes_written / self.source_bytes
+class ConvertReport(WriteReport):
+    anchor_epochs: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         return (f"wrote {self.out}: {self.experts} experts x {self.num_timesteps} timesteps, anchors "

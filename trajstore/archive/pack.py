@@ -19,6 +19,7 @@ from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
 from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
                     open_archive, trajectory_sha256)
+from ..reports import WriteReport
 from ..threads import single_threaded
 
 # Chosen by measurement on trained ConvNet trajectories (docs/format.md, "Archive (pack) layout"): a
@@ -30,19 +31,7 @@ BLOSC = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 2
 
 
 @dataclass(frozen=True)
-class PackReport:
-    """What packing wrote."""
-
-    out: Path
-    experts: int
-    num_timesteps: int
-    bytes_written: int
-    source_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_written / self.source_bytes
-
+class PackReport(WriteReport):
     def __str__(self) -> str:
         return (f"packed {self.experts} experts x {self.num_timesteps} timesteps into {self.out}: "
                 f"{self.bytes_written:,} bytes = {100 * self.ratio:.1f}% of the source's {self.source_bytes:,} bytes")
