@@ -180,7 +180,6 @@ def plot_accuracy(ctraj: str | os.PathLike, png: str | os.PathLike, *, overwrite
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for expert in store:
-        _ = expert.step_norms  # the reader loads an expert's provenance with its manifest, on first use
         acc = expert.provenance.get("test_acc")
         if acc:
             ax.plot(range(1, len(acc) + 1), [100 * a for a in acc], lw=1, label=f"expert {expert.id}")
