@@ -155,15 +155,15 @@ class Expert:
     def verify(self) -> None:
         """Re-read every file of this expert against its checksum and structure."""
         files = self._manifest()
-        for rel in files:
-            self._bytes(rel, mapped=True)
-        self._arrays.clear()
-        _ = self.beta, self.step_norms
         for epoch in self.anchor_epochs:
             if anchor_name(epoch) not in files:
                 raise FormatError(f"anchor of epoch {epoch} is missing", self._s._describe(self._dir))
-            anchorfile.decode(self._s._store.mapped(f"{self._dir}/{anchor_name(epoch)}"), self._s.layers,
-                              self._s._describe(f"{self._dir}/{anchor_name(epoch)}"))
+        for rel in files:
+            data = self._bytes(rel, mapped=True)
+            if rel.endswith(".safetensors"):
+                anchorfile.decode(data, self._s.layers, self._s._describe(f"{self._dir}/{rel}"))
+        self._arrays.clear()  # re-read both arrays: shapes and finiteness
+        _ = self.beta, self.step_norms
 
 
 class CTraj:

@@ -194,8 +194,7 @@ class Writer:
         if diffs:
             raise TrajstoreError("cannot append: the existing store has another layout: " + "; ".join(diffs),
                                  self._root)
-        existing_prov = existing.provenance
-        self.meta.provenance = existing_prov
+        self.meta.provenance = existing.provenance
         self.meta.architecture = existing.architecture if existing.architecture is not None else self.meta.architecture
         self.meta.training = existing.training or self.meta.training
         self.meta.complete = existing.complete
