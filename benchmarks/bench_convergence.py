@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
-from distill.data import load_dataset
-from distill.experts import train_experts
-from distill.quickstart import EXPERT_LR, SCALES
-from distill.run import METRICS, DistillConfig, distill, plot_accuracy
+from trajstore.distill.data import load_dataset
+from trajstore.distill.experts import train_experts
+from trajstore.distill.quickstart import EXPERT_LR, SCALES
+from trajstore.distill.run import METRICS, DistillConfig, distill, plot_accuracy
 
 EPSILON = 0.02
 

@@ -31,9 +31,9 @@ def measure(memory: str, syn_steps: int, *, ipc: int, batch_syn: int | None, wid
             device: str, repeat: int, warmup: int, dsa: bool, seed: int) -> dict:
     """One configuration in this process: `warmup` untimed iterations (forward unroll + backward), then
     `repeat` timed ones."""
-    from distill.augment import dsa as dsa_augment
-    from distill.matching import SyntheticSet, match_loss, plan_unroll
-    from distill.networks import FunctionalNet, build, flat_parameters
+    from trajstore.distill.augment import dsa as dsa_augment
+    from trajstore.distill.matching import SyntheticSet, match_loss, plan_unroll
+    from trajstore.distill.networks import FunctionalNet, build, flat_parameters
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -21,8 +21,8 @@ import torch
 
 import trajstore
 from benchmarks.common import write_result
-from distill.data import load_dataset
-from distill.experts import train_experts
+from trajstore.distill.data import load_dataset
+from trajstore.distill.experts import train_experts
 from trajstore.archive import pack
 from trajstore.convert import convert
 from trajstore.inspect import mtt_nbytes

@@ -28,4 +28,4 @@ def main():
 
 
 # Subcommands register themselves on `cli` when imported.
-from cli import commands  # noqa: E402,F401
+from trajstore.cli import commands  # noqa: E402,F401

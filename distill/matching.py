@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from distill.networks import FunctionalNet
-from distill.sources import TrajectorySource
+from trajstore.distill.networks import FunctionalNet
+from trajstore.distill.sources import TrajectorySource
 from trajstore import InvalidTensorError, OutOfRangeError, TrajstoreError
 
 MEMORY_MODES = ("plain", "constant")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill.augment import OPERATIONS, STRATEGY, DSAParams, dsa, seeded_dsa
+from trajstore.distill.augment import OPERATIONS, STRATEGY, DSAParams, dsa, seeded_dsa
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

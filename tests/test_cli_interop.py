@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import trajstore
-from cli.main import cli
+from trajstore.cli.main import cli
 
 
 @pytest.fixture

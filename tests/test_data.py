@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import DatasetError, load_dataset
+from trajstore.distill.data import DatasetError, load_dataset
 from trajstore import FormatError, TrajstoreError
 
 

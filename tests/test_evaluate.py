@@ -5,11 +5,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import distill.evaluate as evaluate
-from cli.main import cli
-from distill.data import load_dataset
-from distill.evaluate import evaluate_file, evaluate_synset, random_subset
-from distill.synset import save_synset
+import trajstore.distill.evaluate as evaluate
+from trajstore.cli.main import cli
+from trajstore.distill.data import load_dataset
+from trajstore.distill.evaluate import evaluate_file, evaluate_synset, random_subset
+from trajstore.distill.synset import save_synset
 from trajstore import TrajstoreError
 
 SMALL = dict(model="ConvNetW8", progress=False)

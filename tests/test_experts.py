@@ -6,11 +6,11 @@ import torch
 from click.testing import CliRunner
 
 import trajstore
-from cli.main import cli
-from distill.data import load_dataset
-from distill.experts import plot_accuracy, train_experts
-from distill.networks import ConvNet, config_for
-from distill.train import derived_seed
+from trajstore.cli.main import cli
+from trajstore.distill.data import load_dataset
+from trajstore.distill.experts import plot_accuracy, train_experts
+from trajstore.distill.networks import ConvNet, config_for
+from trajstore.distill.train import derived_seed
 from trajstore import FormatError, TrajstoreError
 
 EPOCHS = 3

@@ -8,7 +8,7 @@ import torch
 from helpers import random_walk
 
 import trajstore
-from distill.networks import build
+from trajstore.distill.networks import build
 from trajstore.architectures import ConvNetSpec, infer, name_tensors, spec_for
 from trajstore.inspect import mtt_nbytes
 from trajstore.legacy import open_buffer

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import trajstore
-from distill.matching import (MatchConfig, Matcher, SyntheticSet, UnrollStep, match_loss, plan_unroll)
-from distill.networks import FunctionalNet, build, flat_parameters
-from distill.sources import ConvexifiedSource, LegacySource
+from trajstore.distill.matching import (MatchConfig, Matcher, SyntheticSet, UnrollStep, match_loss, plan_unroll)
+from trajstore.distill.networks import FunctionalNet, build, flat_parameters
+from trajstore.distill.sources import ConvexifiedSource, LegacySource
 from trajstore import InvalidTensorError, OutOfRangeError, TrajstoreError
 
 NUM_CLASSES = 10
@@ -134,7 +134,7 @@ def test_gradients_reach_images_and_lr(ctraj, digits, memory):
 @pytest.mark.parametrize("augment", [None, replayable_augment, "dsa"], ids=["no-augment", "augment", "dsa"])
 def test_constant_memory_gradients_equal_plain_gradients(ctraj, digits, augment):
     if augment == "dsa":
-        from distill.augment import dsa as augment  # the augmentation real runs use
+        from trajstore.distill.augment import dsa as augment  # the augmentation real runs use
     net = tiny_net()
     start, target, _ = ConvexifiedSource(ctraj).sample(np.random.default_rng(2), 4, 3, dtype=torch.float64)
     plan = plan_unroll(np.random.default_rng(2), NUM_CLASSES, 4, 6)

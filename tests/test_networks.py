@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill.networks import ConvNet, ConvNetConfig, FunctionalNet, ModelError, build, config_for, flat_parameters
+from trajstore.distill.networks import ConvNet, ConvNetConfig, FunctionalNet, ModelError, build, config_for, flat_parameters
 from trajstore import TrajstoreError, layer_table
 
 # legacy-buffers.md §3: ConvNet (depth 3, width 128, instancenorm, avgpool) on 3x32x32, 10 classes

@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 
 import trajstore
-from cli.main import cli
-from distill.quickstart import SCALES, run_quickstart
-from distill.synset import load_synset
+from trajstore.cli.main import cli
+from trajstore.distill.quickstart import SCALES, run_quickstart
+from trajstore.distill.synset import load_synset
 from trajstore import ExistsError
 
 PNG = b"\x89PNG\r\n\x1a\n"

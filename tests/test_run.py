@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import distill.run as run_module
-from cli.main import cli
-from distill.evaluate import EvalResult
-from distill.experts import train_experts
-from distill.presets import PRESETS, get_preset
-from distill.run import DistillConfig, distill
-from distill.synset import load_synset
+import trajstore.distill.run as run_module
+from trajstore.cli.main import cli
+from trajstore.distill.evaluate import EvalResult
+from trajstore.distill.experts import train_experts
+from trajstore.distill.presets import PRESETS, get_preset
+from trajstore.distill.run import DistillConfig, distill
+from trajstore.distill.synset import load_synset
 from trajstore import ExistsError, TrajstoreError
 
 MODEL = "ConvNetW8"
@@ -26,7 +26,7 @@ TINY = dict(ipc=1, syn_steps=2, expert_epochs=1.5, max_start_epoch=2, iterations
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
     """Two experts trained on 400 digits, as a .ctraj (anchors 0, 1, 4) and as the legacy MTT buffer."""
-    from distill.data import load_dataset
+    from trajstore.distill.data import load_dataset
 
     root = tmp_path_factory.mktemp("experts")
     ds = load_dataset("digits", im_size=(8, 8), channels=1).subset(400)

@@ -8,7 +8,7 @@ import torch
 from helpers import SMALL_LAYERS, random_walk, write_store
 
 import trajstore
-from distill.sources import ConvexifiedSource, LegacySource, SampleInfo, TrajectorySource, check_zca
+from trajstore.distill.sources import ConvexifiedSource, LegacySource, SampleInfo, TrajectorySource, check_zca
 from trajstore import FormatError, OutOfRangeError, TrajstoreError
 
 K = 10  # 11 timesteps

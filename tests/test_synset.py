@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distill.data import load_dataset
-from distill.evaluate import random_subset
-from distill.synset import load_synset, save_grid, save_synset
+from trajstore.distill.data import load_dataset
+from trajstore.distill.evaluate import random_subset
+from trajstore.distill.synset import load_synset, save_grid, save_synset
 from trajstore import ExistsError, FormatError, InvalidTensorError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,8 @@ import torch
 from kornia.enhance import ZCAWhitening
 from safetensors.torch import load as st_load, save as st_save
 
-from distill.data import DatasetError, load_dataset
-from distill.zca import ZCA
+from trajstore.distill.data import DatasetError, load_dataset
+from trajstore.distill.zca import ZCA
 from trajstore import FormatError
 
 SIZE = (8, 8)  # 192 features: a fit takes milliseconds

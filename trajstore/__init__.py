@@ -1,14 +1,27 @@
-"""trajstore: convexified expert trajectories (.ctraj) for trajectory-matching dataset distillation."""
+"""trajstore: convexified expert trajectories (.ctraj) for trajectory-matching dataset distillation.
+
+The public names below are imported on first use (PEP 562), so `import trajstore` and the
+`trajstore --help` that goes through it stay fast: torch, zarr and safetensors load only when a
+function that needs them is called. The errors are plain Python and import eagerly.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from .errors import (ChecksumError, DegenerateTrajectoryError, ExistsError, FormatError, InvalidTensorError,
+                     OutOfRangeError, TrajstoreError, UnsafeFileError, VersionError)
 
 __version__ = "0.1.0"
 
-from .beta import anchor_epochs_with, beta_from_norms
-from .errors import (ChecksumError, DegenerateTrajectoryError, ExistsError, FormatError, InvalidTensorError,
-                     OutOfRangeError, TrajstoreError, UnsafeFileError, VersionError)
-from .layers import Layer, layer_table
-from .layout import FORMAT_NAME, FORMAT_VERSION
-from .reader import CTraj, Expert, open
-from .writer import ExpertWriter, Writer, create
+# public name -> the module (relative to this package) that defines it
+_LAZY = {
+    "open": ".reader", "CTraj": ".reader", "Expert": ".reader",
+    "create": ".writer", "Writer": ".writer", "ExpertWriter": ".writer",
+    "Layer": ".layers", "layer_table": ".layers",
+    "beta_from_norms": ".beta", "anchor_epochs_with": ".beta",
+    "FORMAT_NAME": ".layout", "FORMAT_VERSION": ".layout",
+}
 
 __all__ = [
     "open", "create", "CTraj", "Expert", "Writer", "ExpertWriter", "Layer", "layer_table",
@@ -16,3 +29,16 @@ __all__ = [
     "TrajstoreError", "FormatError", "ChecksumError", "VersionError", "ExistsError", "InvalidTensorError",
     "OutOfRangeError", "UnsafeFileError", "DegenerateTrajectoryError",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trajstore' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

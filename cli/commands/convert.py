@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
-from cli.options import epoch_list
+from trajstore.cli.main import cli
+from trajstore.cli.options import epoch_list
 
 
 @cli.command("convert")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
+from trajstore.cli.main import cli
 
 
 def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -55,7 +55,7 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-evaluation lines.")
 def distill_command(source, preset, out, force, quiet, **settings):
     """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run."""
-    from distill.run import DistillConfig, default_out_dir, distill
+    from trajstore.distill.run import DistillConfig, default_out_dir, distill
 
     config = DistillConfig.from_preset(source, preset, **settings)
     out = out or default_out_dir(config)

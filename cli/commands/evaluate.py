@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
+from trajstore.cli.main import cli
 
 
 @cli.command("evaluate")
@@ -29,7 +29,7 @@ from cli.main import cli
 def evaluate_command(synset, random_baseline, ipc, dataset, zca, lr, data_path, num_nets, epochs, model, dsa, seed,
                      device, grid, force, quiet):
     """Train fresh networks on SYNSET (the family's protocol) and print mean +- std test accuracy."""
-    from distill.evaluate import evaluate_file, evaluate_random
+    from trajstore.distill.evaluate import evaluate_file, evaluate_random
 
     common = dict(data_path=data_path, num_nets=num_nets, epochs=epochs, dsa=dsa, seed=seed, device=device,
                   progress=not quiet, grid=grid, overwrite=force)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
-from cli.options import epoch_list
+from trajstore.cli.main import cli
+from trajstore.cli.options import epoch_list
 
 
 @cli.command("experts")
@@ -31,7 +31,7 @@ from cli.options import epoch_list
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, waypoints, zca,
                     dsa, legacy_dir, seed, device, plot, force, quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job."""
-    from distill.experts import plot_accuracy, train_experts
+    from trajstore.distill.experts import plot_accuracy, train_experts
 
     path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
                          epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca,

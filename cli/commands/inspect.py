@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli
+from trajstore.cli.main import cli
 
 
 def _human(s: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
+from trajstore.cli.main import cli
 
 
 @cli.command("quickstart")
@@ -18,6 +18,6 @@ from cli.main import cli
 def quickstart_command(out, scale, seed, device, force, quiet):
     """Train experts on digits, compare .ctraj and legacy storage, distill with MCT and MTT, and print
     the comparison with the random real subset. Run it again to continue an interrupted quickstart."""
-    from distill.quickstart import run_quickstart
+    from trajstore.distill.quickstart import run_quickstart
 
     run_quickstart(out, scale=scale, seed=seed, device=device, force=force, progress=not quiet, log=click.echo)

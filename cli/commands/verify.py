@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
+from trajstore.cli.main import cli
 
 
 @cli.command("verify")
