@@ -28,7 +28,7 @@ if what == "torch_load":
         buffer = torch.load(f, weights_only=True)
         del buffer
 else:
-    from trajstore.convert import convert
+    from trajstore.tools.convert import convert
     convert(src, out, waypoints=(6, 25), progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
                   "rss_before_bytes": base}))

@@ -24,8 +24,8 @@ from benchmarks.common import write_result
 from trajstore.distill.data import load_dataset
 from trajstore.distill.experts import train_experts
 from trajstore.archive import pack
-from trajstore.convert import convert
-from trajstore.inspect import mtt_nbytes
+from trajstore.tools.convert import convert
+from trajstore.tools.inspect import mtt_nbytes
 
 # The MCT authors' measurement for 100 experts (legacy-buffers.md §4): (dataset, model, image size,
 # classes, the paper's inner waypoints, MTT bytes, their convexified bytes).

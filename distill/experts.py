@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 import trajstore
-from trajstore import atomic
+from trajstore.stores import atomic
 from trajstore.errors import FormatError, TrajstoreError
-from trajstore.layout import ROOT_META, StoreMeta
+from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
 
 from .augment import STRATEGY, seeded_dsa

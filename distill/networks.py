@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from trajstore.architectures import ConvNetSpec, spec_for
+from trajstore.architectures.convnet import ConvNetSpec, spec_for
 from trajstore.errors import InvalidTensorError, TrajstoreError
 
 

@@ -32,10 +32,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import trajstore
-from trajstore import atomic
+from trajstore.stores import atomic
 from trajstore.errors import ExistsError, TrajstoreError
 from trajstore.legacy import open_buffer
-from trajstore.threads import single_threaded
+from trajstore.tools.threads import single_threaded
 
 from .data import load_dataset
 from .evaluate import BASELINE_LR, EvalResult, evaluate_synset, random_subset

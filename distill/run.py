@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 import trajstore
-from trajstore import atomic
+from trajstore.stores import atomic
 from trajstore.errors import ExistsError, FormatError, TrajstoreError
 
 from .augment import dsa
@@ -207,7 +207,7 @@ def load_result(out_dir: str | os.PathLike) -> DistillResult:
 
 def method_for(path: str | os.PathLike, method: str | None = None) -> str:
     """`method`, or the one the source at `path` calls for: mct for a .ctraj, mtt for anything else."""
-    from trajstore.inspect import kind_of
+    from trajstore.tools.inspect import kind_of
 
     return method or ("mct" if kind_of(path) == "ctraj" else "mtt")
 
@@ -218,8 +218,8 @@ def open_experts(path: str | os.PathLike, method: str | None = None, *, model: s
     `method` None picks by what the path is (see `method_for`). `model` names a legacy buffer's tensors
     (they carry no names; by default they are inferred from their shapes).
     """
-    from trajstore.convert import open_source
-    from trajstore.inspect import kind_of
+    from trajstore.tools.convert import open_source
+    from trajstore.tools.inspect import kind_of
 
     path = Path(path)
     if not path.exists():

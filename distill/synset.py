@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from trajstore import __version__, atomic
+from trajstore import __version__
+from trajstore.stores import atomic
 from trajstore.errors import FormatError, InvalidTensorError
 
 from .data import Dataset, to_viewable

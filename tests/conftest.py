@@ -15,7 +15,7 @@ LEGACY_MODEL = {"channel": 3, "num_classes": 4, "im_size": (32, 32), "width": 4,
 @pytest.fixture
 def legacy_layers():
     """(name, shape) of a tiny upstream ConvNet (width 4, depth 3, 4 classes, 32x32 images)."""
-    from trajstore.architectures import ConvNetSpec
+    from trajstore.architectures.convnet import ConvNetSpec
 
     return ConvNetSpec(**LEGACY_MODEL).layers()
 

@@ -10,7 +10,7 @@ import zarr
 
 import trajstore
 from trajstore.archive import XorDelta, open_archive, pack, unpack
-from trajstore.inspect import verify
+from trajstore.tools.inspect import verify
 from trajstore.legacy import open_buffer
 
 INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

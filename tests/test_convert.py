@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import trajstore
-from trajstore.architectures import spec_for
+from trajstore.architectures.convnet import spec_for
 from trajstore.archive import pack
-from trajstore.convert import convert
-from trajstore.inspect import summary
+from trajstore.tools.convert import convert
+from trajstore.tools.inspect import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_mct_waypoint_store_keeps_its_waypoints(tmp_path, legacy_layers):
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import torch, zarr, safetensors, tqdm
-    from trajstore.convert import convert
+    from trajstore.tools.convert import convert
 
     def peak_kib():  # VmHWM starts afresh at exec; getrusage's maxrss inherits the forking parent's peak
         with open("/proc/self/status") as f:

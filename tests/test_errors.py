@@ -9,7 +9,7 @@ import torch
 from helpers import SMALL_LAYERS, random_walk, write_store
 
 import trajstore
-from trajstore.singlefile import to_single_file
+from trajstore.format.singlefile import to_single_file
 
 
 @pytest.fixture

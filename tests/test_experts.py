@@ -79,7 +79,7 @@ def test_twin_is_the_same_runs_without_aliasing(run):
 
 
 def test_twin_converts_to_bit_identical_anchors_and_equal_betas(run, tmp_path):
-    from trajstore.convert import convert
+    from trajstore.tools.convert import convert
 
     out, legacy, _ = run
     mine = trajstore.open(out)

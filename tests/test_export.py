@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import trajstore
-from trajstore.convert import convert
-from trajstore.export import export_mtt
+from trajstore.tools.convert import convert
+from trajstore.tools.export import export_mtt
 from trajstore.legacy import open_buffer
 
 

@@ -10,7 +10,7 @@ from helpers import SMALL_LAYERS, random_walk, write_store
 from safetensors.torch import load_file
 
 import trajstore
-from trajstore.singlefile import to_directory, to_single_file
+from trajstore.format.singlefile import to_directory, to_single_file
 
 
 @pytest.fixture

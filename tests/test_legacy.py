@@ -9,8 +9,8 @@ from helpers import random_walk
 
 import trajstore
 from trajstore.distill.networks import build
-from trajstore.architectures import ConvNetSpec, infer, name_tensors, spec_for
-from trajstore.inspect import mtt_nbytes
+from trajstore.architectures.convnet import ConvNetSpec, infer, name_tensors, spec_for
+from trajstore.tools.inspect import mtt_nbytes
 from trajstore.legacy import open_buffer
 
 

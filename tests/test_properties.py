@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trajstore
-from trajstore.beta import piece_weights
+from trajstore.format.beta import piece_weights
 
 
 @st.composite

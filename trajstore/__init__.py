@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 
 # public name -> the module (relative to this package) that defines it
 _LAZY = {
-    "open": ".reader", "CTraj": ".reader", "Expert": ".reader",
-    "create": ".writer", "Writer": ".writer", "ExpertWriter": ".writer",
-    "Layer": ".layers", "layer_table": ".layers",
-    "beta_from_norms": ".beta", "anchor_epochs_with": ".beta",
-    "FORMAT_NAME": ".layout", "FORMAT_VERSION": ".layout",
+    "open": ".format.reader", "CTraj": ".format.reader", "Expert": ".format.reader",
+    "create": ".format.writer", "Writer": ".format.writer", "ExpertWriter": ".format.writer",
+    "Layer": ".format.layers", "layer_table": ".format.layers",
+    "beta_from_norms": ".format.beta", "anchor_epochs_with": ".format.beta",
+    "FORMAT_NAME": ".format.layout", "FORMAT_VERSION": ".format.layout",
 }
 
 __all__ = [

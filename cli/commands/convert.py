@@ -20,7 +20,7 @@ from trajstore.cli.options import epoch_list
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert_command(src, out, waypoints, smooth, single_file, arch, kind, force, quiet):
     """Convexify every expert of the legacy buffer (file, model directory or buffer root) or archive SRC."""
-    from trajstore.convert import convert
+    from trajstore.tools.convert import convert
 
     report = convert(src, out, waypoints=waypoints, smoothing="mct" if smooth else None, single_file=single_file,
                      overwrite=force, architecture=arch, progress=not quiet, kind=kind)

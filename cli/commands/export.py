@@ -15,7 +15,7 @@ from trajstore.cli.main import cli
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export_command(path, out_dir, per_file, force, quiet):
     """Write replay_buffer_{n}.pt files that any MTT-family distill.py reads unchanged."""
-    from trajstore.export import export_mtt
+    from trajstore.tools.export import export_mtt
 
     files = export_mtt(path, out_dir, per_file=per_file, overwrite=force, progress=not quiet)
     total = sum(f.stat().st_size for f in files)

@@ -34,7 +34,7 @@ def _human(s: dict) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 def inspect_command(path, as_json, plot, force):
     """Experts, timesteps, anchors, layer table and bytes on disk against the equivalent MTT buffer."""
-    from trajstore.inspect import plot_betas, summary
+    from trajstore.tools.inspect import plot_betas, summary
 
     s = summary(path)
     click.echo(json.dumps(s, indent=2) if as_json else _human(s))

@@ -11,7 +11,7 @@ from trajstore.cli.main import cli
 @click.argument("path", type=click.Path(exists=True))
 def verify_command(path):
     """Check a .ctraj or archive against its checksums, or read every trajectory of a legacy buffer."""
-    from trajstore.inspect import verify
+    from trajstore.tools.inspect import verify
 
     result = verify(path)
     click.echo(f"OK: {result['path']} ({result['kind']}, {result['num_experts']} experts)")

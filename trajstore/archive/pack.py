@@ -11,16 +11,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, atomic
+from .. import __version__
+from ..stores import atomic
 from ..errors import ExistsError, FormatError, TrajstoreError
-from ..layers import Layer
+from ..format.layers import Layer
 from ..legacy import open_buffer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
 from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
                     open_archive, trajectory_sha256)
-from ..reports import WriteReport
-from ..threads import single_threaded
+from ..tools.reports import WriteReport
+from ..tools.threads import single_threaded
 
 # Chosen by measurement on trained ConvNet trajectories (docs/format.md, "Archive (pack) layout"): a
 # chunk holds STRIDE timesteps of one layer (51 = 3 x 17), so reading any (expert, t) decodes one
@@ -111,7 +112,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
     `per_file` per file (None: the packed source's own file names and partition), each tensor
     bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
-    from ..export import write_buffer_dir
+    from ..tools.export import write_buffer_dir
 
     buf: ArchiveBuffer = open_archive(archive)
     if per_file is None:

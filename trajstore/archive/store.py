@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ChecksumError, FormatError, VersionError
-from ..layers import Layer
+from ..format.layers import Layer
 from ..legacy.buffer import LegacyBuffer
 from . import codec  # noqa: F401  (registers the XOR filter with zarr before any array is opened)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import name_tensors
+from ..architectures.convnet import name_tensors
 from ..errors import FormatError, OutOfRangeError
-from ..layers import DTYPE_NAMES, Layer, layer_table
+from ..format.layers import DTYPE_NAMES, Layer, layer_table
 from . import loading
 from .validation import Signature, check_moves, check_trajectory, trajectories
 

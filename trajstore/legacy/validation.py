@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import DegenerateTrajectoryError, FormatError
-from ..layers import DTYPE_NAMES
+from ..format.layers import DTYPE_NAMES
 
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 

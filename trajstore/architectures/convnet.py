@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from .errors import FormatError
+from ..errors import FormatError
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 POOLINGS = ("avgpooling", "maxpooling", "none")

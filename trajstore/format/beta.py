@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import OutOfRangeError, TrajstoreError
+from ..errors import OutOfRangeError, TrajstoreError
 
 
 def check_anchor_epochs(anchor_epochs: Sequence[int], num_timesteps: int) -> tuple[int, ...]:

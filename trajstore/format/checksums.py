@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .errors import ChecksumError
+from ..errors import ChecksumError
 
 
 def sha256(data) -> str:

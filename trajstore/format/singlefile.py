@@ -10,7 +10,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from . import atomic
+from ..stores import atomic
 
 ALIGN = 64
 PAD_EXTRA_ID = 0xD935  # the id Android's zipalign uses for padding; readers skip unknown extras

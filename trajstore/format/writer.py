@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import anchorfile, atomic, checksums
+from . import anchorfile, checksums
+from ..stores import atomic
 from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
-from .errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
+from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
 from .layers import as_tensor_list, layer_table
 from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, group_json
 from .singlefile import write_single_file
@@ -30,7 +31,7 @@ def _now() -> str:
 
 
 def _tool() -> str:
-    from . import __version__
+    from .. import __version__
 
     return f"trajstore {__version__}"
 

@@ -12,7 +12,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .errors import FormatError
+from ..errors import FormatError
 
 ZIP_MAGIC = b"PK\x03\x04"
 

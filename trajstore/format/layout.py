@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .beta import check_anchor_epochs
-from .errors import FormatError, VersionError
+from ..errors import FormatError, VersionError
 from .layers import Layer
 
 FORMAT_NAME = "ctraj"

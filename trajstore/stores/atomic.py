@@ -7,7 +7,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import ExistsError
+from ..errors import ExistsError
 
 
 def temp_sibling(path: Path, tag: str = "tmp") -> Path:

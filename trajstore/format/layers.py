@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FormatError, InvalidTensorError
+from ..errors import FormatError, InvalidTensorError
 
 # safetensors dtype names; the same strings appear in the .ctraj layer table.
 DTYPES: dict[str, torch.dtype] = {

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic
-from .archive import is_archive
+from ..stores import atomic
+from ..archive import is_archive
 from .convert import open_source
-from .errors import ExistsError, TrajstoreError
-from .layers import Layer
-from .layout import ROOT_META
-from .legacy.sizes import mtt_buffer_nbytes
-from .reader import CTraj
-from .reader import open as open_ctraj
+from ..errors import ExistsError, TrajstoreError
+from ..format.layers import Layer
+from ..format.layout import ROOT_META
+from ..legacy.sizes import mtt_buffer_nbytes
+from ..format.reader import CTraj
+from ..format.reader import open as open_ctraj
 
 MTT_DTYPE = torch.float32  # what MTT buffers (and export_mtt) hold, whatever the store's dtype
 

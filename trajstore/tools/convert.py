@@ -14,13 +14,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import atomic
-from .archive import is_archive, open_archive
-from .beta import anchor_epochs_with
-from .errors import ExistsError, InvalidTensorError
-from .legacy import LegacyBuffer, open_buffer
-from .reader import open as open_ctraj
-from .writer import create
+from ..stores import atomic
+from ..archive import is_archive, open_archive
+from ..format.beta import anchor_epochs_with
+from ..errors import ExistsError, InvalidTensorError
+from ..legacy import LegacyBuffer, open_buffer
+from ..format.reader import open as open_ctraj
+from ..format.writer import create
 from .reports import WriteReport
 from .threads import single_threaded
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save as st_save
 
-from .errors import FormatError
+from ..errors import FormatError
 from .layers import DTYPES, Layer
 
 MAX_HEADER = 100 * 1024 * 1024

@@ -12,9 +12,9 @@ import torch
 
 from . import anchorfile, checksums
 from .beta import locate, piece_weights
-from .errors import FormatError, OutOfRangeError, TrajstoreError
+from ..errors import FormatError, OutOfRangeError, TrajstoreError
 from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, load_json
-from .stores import open_store
+from ..stores.files import open_store
 
 DEFAULT_CACHE_BYTES = 1 << 30
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import atomic
-from .errors import ExistsError, TrajstoreError
-from .reader import open as open_ctraj
+from ..stores import atomic
+from ..errors import ExistsError, TrajstoreError
+from ..format.reader import open as open_ctraj
 from .threads import single_threaded
 
 

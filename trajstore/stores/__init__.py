@@ -1,0 +1,1 @@
+"""Where the bytes of a store live and how they are published atomically."""

@@ -1,0 +1,1 @@
+"""Whole-store tools over the format: convert, export, inspect/verify, and what they report."""
