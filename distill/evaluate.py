@@ -8,6 +8,7 @@ by 0.1 (with a fresh optimizer, as upstream) after pass epochs // 2 + 1, DSA on;
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,10 @@ class EvalResult:
     std: float
     accuracies: tuple[float, ...]
 
+    @classmethod
+    def of(cls, accuracies) -> "EvalResult":
+        return cls(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies))
+
     def __str__(self) -> str:
         return f"{100 * self.mean:.2f} +- {100 * self.std:.2f} % over {len(self.accuracies)} networks"
 
@@ -44,8 +49,12 @@ class EvalResult:
 def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, *, lr: float, num_nets: int = 5,
                     epochs: int | None = None, model: str = "ConvNet", dsa: bool = True, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
-                    batch_size: int = BATCH_SIZE) -> EvalResult:
-    """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set."""
+                    batch_size: int = BATCH_SIZE, nets: Sequence[int] | None = None) -> EvalResult:
+    """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set.
+
+    nets: train only the networks with these numbers (< num_nets, each from its own seed), as processes
+    that share an evaluation do (distill.distributed.parallel_evaluation); default all of them.
+    """
     epochs = EPOCHS if epochs is None else int(epochs)
     if num_nets < 1 or epochs < 0 or not lr > 0:
         raise TrajstoreError(f"need num_nets >= 1, epochs >= 0 and lr > 0 (got {num_nets}, {epochs}, {lr})")
@@ -56,9 +65,12 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.int64)
     test_images, test_labels = dataset.test_images.to(dev), dataset.test_labels.to(dev)
     decay_after = epochs // 2 + 1
+    nets = range(num_nets) if nets is None else list(nets)
+    if not nets or not all(0 <= k < num_nets for k in nets):
+        raise TrajstoreError(f"network numbers {list(nets)} are not a non-empty part of 0..{num_nets - 1}")
     accuracies = []
-    with tqdm(total=num_nets * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
-        for k in range(num_nets):
+    with tqdm(total=len(nets) * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
+        for k in nets:
             s = derived_seed(seed, k)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
@@ -77,7 +89,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                 bar.update()
             accuracies.append(accuracy(net, test_images, test_labels, device=dev))
             bar.set_postfix(last=f"{100 * accuracies[-1]:.2f}%")
-    return EvalResult(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies))
+    return EvalResult.of(accuracies)
 
 
 def random_subset(dataset: Dataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

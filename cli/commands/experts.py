@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import epoch_list
+from trajstore.cli.options import epoch_list, no_log, nproc_option
 
 
 @cli.command("experts")
@@ -25,18 +25,23 @@ from trajstore.cli.options import epoch_list
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when present, else the CPU).")
+@nproc_option
 @click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, waypoints, zca,
-                    dsa, legacy_dir, seed, device, plot, force, quiet):
+                    dsa, legacy_dir, seed, device, nproc, plot, force, quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job."""
+    from trajstore.distill.distributed import launch
     from trajstore.distill.experts import plot_accuracy, train_experts
 
-    path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
-                         epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca,
-                         waypoints=waypoints, legacy_dir=legacy_dir, seed=seed, device=device,
-                         progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    settings = dict(dataset=dataset, data_path=data_path, model=model, num_experts=num_experts, epochs=epochs,
+                    lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca, waypoints=waypoints,
+                    legacy_dir=legacy_dir, seed=seed, device=device, progress=not quiet,
+                    log=no_log if quiet else click.echo)
+    path = launch(train_experts, nproc, (out,), settings, device=device)
+    if path is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     click.echo(f"wrote {path}")
     if plot:
         click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force)}")
