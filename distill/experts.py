@@ -24,7 +24,7 @@ from trajstore.legacy import loading as legacy_loading, validation as legacy_val
 
 from .augment import STRATEGY, seeded_dsa
 from .data import Dataset, load_dataset
-from .networks import ConvNet, config_for
+from .networks import build_spec, config_for
 from .synset import save_figure
 from .train import accuracy, derived_seed, resolve_device, train_epoch
 
@@ -65,7 +65,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
             log(message)
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
-        layers = trajstore.layer_table(ConvNet(config))
+        layers = trajstore.layer_table(build_spec(config))
     with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         finished = w.existing_experts()
@@ -77,7 +77,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                 s = derived_seed(seed, index)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s)
-                    net = ConvNet(config).to(dev)
+                    net = build_spec(config).to(dev)
                 generator = torch.Generator().manual_seed(s)
                 augment = seeded_dsa(generator) if dsa else None
                 optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
