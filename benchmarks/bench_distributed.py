@@ -84,6 +84,7 @@ def main(argv=None):
                 "--expert-epochs", "1", "--max-start-epoch", str(max(args.epochs - 1, 0.5)),
                 "--iterations", str(args.iterations), "--eval-every", "0", "--eval-nets", "1", "--eval-epochs", "1",
                 "--memory", args.memory, "--device", args.device, "--out", str(out), "--quiet",
+                "--lr-img", "100", "--lr-lr", "1e-7",  # small steps: 2-epoch experts, and speed is what is measured
                 *(["--batch-syn", str(args.batch_syn)] if args.batch_syn else [])]))
             steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             seconds = [r["seconds"] for r in steps if r["kind"] == "step"]

@@ -54,15 +54,14 @@ say "gpu_check in $(pwd), output $OUT, dry run: $DRY"
 (command -v nvidia-smi > /dev/null && nvidia-smi) >> "$LOG" 2>&1 || say "no nvidia-smi"
 
 # -- install ------------------------------------------------------------------------------------
-install() {
-    if "$PY" -c "import trajstore, pytest" 2> /dev/null; then
-        echo "trajstore and pytest import already: not installing"; return 0
-    fi
-    "$PY" -m pip install -e ".[test]" \
-        || "$PY" -m pip install --no-build-isolation -e ".[test]" \
-        || "$PY" -m pip install --no-build-isolation --no-deps -e .
-}
-step install 200 install
+# (a bash -c script, not a function: `timeout` runs programs; $0 is the Python)
+INSTALL='if "$0" -c "import trajstore, pytest" 2> /dev/null; then
+    echo "trajstore and pytest import already: not installing"; exit 0
+fi
+"$0" -m pip install -e ".[test]" \
+    || "$0" -m pip install --no-build-isolation -e ".[test]" \
+    || "$0" -m pip install --no-build-isolation --no-deps -e .'
+step install 200 bash -c "$INSTALL" "$PY"
 if ! "$PY" -c "import trajstore" 2>> "$LOG"; then
     say "trajstore does not import; giving up"; exit 1
 fi

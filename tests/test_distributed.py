@@ -31,6 +31,9 @@ EXPERTS = dict(model="ConvNetW8", num_experts=3, epochs=2, waypoints=(1,), progr
 DISTILL = dict(ipc=1, syn_steps=4, batch_syn=3, expert_epochs=1.5, max_start_epoch=0.5, iterations=3,
                eval_every=0, eval_nets=3, eval_epochs=1, checkpoint_every=1, lr_img=100.0, lr_lr=1e-7, dsa=True)
 MODES = ("plain", "constant")
+# CPU kernels sum in an order that depends on torch's thread count: the same count everywhere, so the
+# comparisons below are bit for bit (whatever earlier tests in this process set).
+THREADS = 1
 
 
 def digits():
@@ -43,6 +46,7 @@ def config(source, memory: str) -> DistillConfig:
 
 def parallel_job(root) -> dict:
     """Everything the 2-process job does (runs in each spawned process)."""
+    torch.set_num_threads(THREADS)
     group = distributed.current()
     # experts: continue a store that holds expert 0 (and its legacy twin) with experts 1 and 2
     train_experts(root / "par.ctraj", dataset=digits(), legacy_dir=root / "par-legacy", **EXPERTS)
@@ -59,6 +63,15 @@ def parallel_job(root) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _runs(root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _runs(root):
     ds = digits()
     train_experts(root / "ref.ctraj", dataset=ds, legacy_dir=root / "ref-legacy", **EXPERTS)
     train_experts(root / "par.ctraj", dataset=ds, legacy_dir=root / "par-legacy", **{**EXPERTS, "num_experts": 1})
