@@ -1,6 +1,7 @@
 """The fast paths give what the plain ones give: interpolation, batched evaluation and batched experts."""
 
 import numpy as np
+import pytest
 import torch
 from helpers import SMALL_LAYERS, random_walk, write_store
 
@@ -46,3 +47,59 @@ def test_flat_points_with_reused_and_alternating_out_buffers(tmp_path):
     for epoch in store.expert(0).anchor_epochs:  # exact at anchors, through the same reused buffer
         assert torch.equal(store.expert(0).at(epoch, flat=True, out=bufs[0]),
                            torch.cat([t.reshape(-1) for t in trajs[0][epoch]]))
+
+
+# -- networks trained together ---------------------------------------------------------------------
+
+from trajstore.distill.augment import seeded_dsa  # noqa: E402
+from trajstore.distill.batched import NetStack  # noqa: E402
+from trajstore.distill.data import load_dataset  # noqa: E402
+from trajstore.distill.evaluate import evaluate_synset, random_subset  # noqa: E402
+from trajstore.distill.networks import build  # noqa: E402
+from trajstore.distill.train import train_epoch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_dataset("digits", im_size=(16, 16))
+
+
+def _fresh(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build("ConvNetW8", 3, 10, (16, 16))
+
+
+def test_stacked_networks_follow_the_trajectories_of_networks_trained_alone(digits16):
+    images, labels = random_subset(digits16, 4, seed=0)  # 40 images, batch 16: 3 shuffled batches per epoch
+    seeds = [11, 12, 13]
+    alone, alone_stats = [], []
+    for s in seeds:  # the plain loop, one network at a time
+        net, g = _fresh(s), torch.Generator().manual_seed(s)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        alone_stats.append([train_epoch(net, images, labels, optimizer=opt, batch_size=16, augment=seeded_dsa(g),
+                                        device="cpu", generator=g) for _ in range(3)][-1])
+        alone.append(net)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    stack = NetStack([_fresh(s) for s in seeds])
+    opt = torch.optim.SGD(stack.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        losses, accs = stack.train_epoch(images, labels, optimizer=opt, batch_size=16, generators=gens,
+                                         augments=[seeded_dsa(g) for g in gens], device=torch.device("cpu"))
+    moved = 0.0
+    for k, net in enumerate(alone):
+        for p_alone, p_stack, p_init in zip(net.parameters(), stack.network(k), _fresh(seeds[k]).parameters()):
+            torch.testing.assert_close(p_stack.detach(), p_alone.detach(), rtol=1e-4, atol=1e-5)
+            moved = max(moved, float((p_alone - p_init).detach().abs().max()))
+        assert losses[k] == pytest.approx(alone_stats[k][0], rel=1e-4) and accs[k] == alone_stats[k][1]
+    assert moved > 1e-2  # the networks did train
+
+
+def test_evaluation_together_gives_the_accuracies_of_one_by_one(digits16):
+    images, labels = random_subset(digits16, 1, seed=3)
+    kw = dict(lr=0.01, num_nets=3, epochs=8, model="ConvNetW8", seed=5, progress=False)
+    one_by_one = evaluate_synset(images, labels, digits16, together=False, **kw)
+    together = evaluate_synset(images, labels, digits16, together=True, **kw)
+    step = 1 / len(digits16.test_labels)  # float rounding may flip at most a borderline test image
+    assert np.allclose(together.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
+    assert len(set(one_by_one.accuracies)) > 1  # each network its own draws
