@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..stores import atomic
-from ..errors import ExistsError, FormatError, TrajstoreError
+from ..stores.overlap import check_separate
+from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
 from ..legacy import open_buffer
 from ..legacy.mct import MCTPairBuffer
@@ -52,6 +53,7 @@ def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
 
 
 @single_threaded()
+@os_errors(arg="out")
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
          architecture=None, kind: str | None = None) -> PackReport:
     """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
@@ -59,6 +61,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
     from zarr.storage import LocalStore
 
     out = Path(out)
+    check_separate([src], out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
     if is_archive(src):
@@ -67,6 +70,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
     if isinstance(source, MCTPairBuffer):
         raise FormatError(f"is an MCT waypoint store ({source.kind}), already compressed; convert it to a "
                           ".ctraj instead (packing keeps full trajectories)", src)
+    check_separate(source.files, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.temp_sibling(out, "build")
     try:
@@ -107,6 +111,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
 
 
 @single_threaded()
+@os_errors(arg="out_dir")
 def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
            overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
@@ -114,6 +119,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
     bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
     from ..tools.export import write_buffer_dir
 
+    check_separate([archive], out_dir)
     buf: ArchiveBuffer = open_archive(archive)
     if per_file is None:
         groups: dict[str, list[int]] = {}

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import ChecksumError, FormatError, VersionError
+from ..format.arguments import short_repr
 from ..format.layers import Layer
+from ..format.layout import SHA256_HEX, is_int
 from ..legacy.buffer import LegacyBuffer
 from . import codec  # noqa: F401  (registers the XOR filter with zarr before any array is opened)
 
@@ -36,10 +38,27 @@ def array_name(index: int) -> str:
 def _root_meta(path: Path) -> dict | None:
     try:
         doc = json.loads((path / "zarr.json").read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     return attrs.get(ATTRIBUTE) if isinstance(attrs, dict) else None
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the types of the archive attribute, if anything."""
+    checks = {
+        "layers": lambda v: isinstance(v, list) and len(v) > 0,
+        "num_timesteps": lambda v: is_int(v) and v >= 2,
+        "stride": lambda v: is_int(v) and v >= 1,
+        "source": lambda v: isinstance(v, dict),
+        "experts": lambda v: isinstance(v, list) and all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and SHA256_HEX.fullmatch(e["sha256"])
+            for e in v),
+    }
+    for key, ok in checks.items():
+        if not ok(meta.get(key)):
+            return f"{key!r} is {short_repr(meta.get(key))}"
+    return None
 
 
 def is_archive(path: str | os.PathLike) -> bool:
@@ -71,19 +90,19 @@ class ArchiveBuffer(LegacyBuffer):
         meta = _root_meta(self.path)
         if meta is None:
             raise FormatError("not a trajstore archive (no trajstore_archive attribute in zarr.json)", self.path)
-        if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
+        if meta.get("format") != FORMAT or not is_int(meta.get("version")) or meta["version"] < 1:
             raise FormatError("malformed archive metadata", self.path / "zarr.json")
         if meta["version"] > VERSION:
             raise VersionError(f"written by archive version {meta['version']}; this trajstore reads up to "
                                f"{VERSION} (upgrade trajstore)", self.path)
-        try:
-            layers = tuple(Layer.from_json(x, self.path) for x in meta["layers"])
-            self._experts = list(meta["experts"])
-            num_timesteps = int(meta["num_timesteps"])
-            self.stride = int(meta["stride"])
-            self._source = dict(meta["source"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"malformed archive metadata ({exc})", self.path / "zarr.json") from None
+        problem = _meta_problem(meta)
+        if problem:
+            raise FormatError(f"malformed archive metadata: {problem}", self.path / "zarr.json")
+        layers = tuple(Layer.from_json(x, self.path / "zarr.json") for x in meta["layers"])
+        self._experts = list(meta["experts"])
+        num_timesteps = meta["num_timesteps"]
+        self.stride = meta["stride"]
+        self._source = dict(meta["source"])
         super().__init__([self.path], [len(self._experts)], num_timesteps, layers, meta.get("architecture"))
         self.path = Path(path)
         self.training = dict(meta.get("training") or {})

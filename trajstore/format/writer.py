@@ -17,10 +17,12 @@ import torch
 
 from . import anchorfile, checksums
 from ..stores import atomic
+from .arguments import integer
 from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
-from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
+from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError, os_errors
 from .layers import as_tensor_list, layer_table
-from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, group_json
+from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
+                     group_json)
 from .singlefile import write_single_file
 
 SMOOTHING = ("mct",)
@@ -40,7 +42,9 @@ def write_zarr_array(root: Path, name: str, data: np.ndarray) -> None:
     import zarr
     from zarr.storage import LocalStore
 
-    zarr.create_array(LocalStore(root), name=name, data=data, chunks=data.shape, overwrite=False)
+    # every chunk is written, even an all-zero one: readers refuse a chunk the manifest does not list
+    zarr.create_array(LocalStore(root), name=name, data=data, chunks=data.shape, overwrite=False,
+                      config={"write_empty_chunks": True})
 
 
 class ExpertWriter:
@@ -107,7 +111,8 @@ class ExpertWriter:
             raise InvalidTensorError(f"expert {self.id} got {self._t} timesteps, expected "
                                      f"{self._last + 1}; nothing was written for it", self._w.path)
         self._done = True
-        self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
+        with os_errors(self._w.path):
+            self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
         return self.id
 
     def abort(self) -> None:
@@ -133,6 +138,7 @@ class Writer:
                  overwrite: bool = False, append: bool = False):
         self.path = Path(path)
         layers = layer_table(layers)
+        num_timesteps = integer(num_timesteps, "num_timesteps", self.path)
         if anchor_epochs is None:
             anchor_epochs = anchor_epochs_with(waypoints, num_timesteps)
         elif waypoints:
@@ -140,12 +146,19 @@ class Writer:
         if smoothing not in (None, *SMOOTHING):
             raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHING)}")
         prov = {"created": _now(), "tool": _tool(), **(provenance or {})}
-        self.meta = StoreMeta(layers=layers, num_timesteps=int(num_timesteps),
-                              anchor_epochs=check_anchor_epochs(anchor_epochs, int(num_timesteps)),
+        self.meta = StoreMeta(layers=layers, num_timesteps=num_timesteps,
+                              anchor_epochs=check_anchor_epochs(anchor_epochs, num_timesteps),
                               smoothing=smoothing, architecture=architecture, training=dict(training or {}),
                               provenance=prov)
         self.single_file = single_file
         self._overwrite = overwrite
+        if self.path.is_symlink() and not self.path.exists():  # mkdir would fail and joining would wait
+            raise ExistsError("is a dangling symbolic link; remove it or choose another output", self.path)
+        with os_errors(self.path):
+            self._open_root(append)
+
+    def _open_root(self, append: bool) -> None:
+        single_file, overwrite = self.single_file, self._overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._taken: set[int] = set()
         self._closed = False
@@ -204,8 +217,9 @@ class Writer:
         """Ids of the experts already complete in this store (for resuming)."""
         ids = []
         for name in os.listdir(self._root / EXPERTS):
-            if name.isdigit() and (self._root / EXPERTS / name / ROOT_META).exists():
-                ids.append(int(name))
+            expert_id = expert_id_of(name)
+            if expert_id is not None and (self._root / EXPERTS / name / ROOT_META).exists():
+                ids.append(expert_id)
         return sorted(ids)
 
     def next_id(self) -> int:
@@ -216,7 +230,7 @@ class Writer:
         """Start writing one expert. Concurrent processes should pass disjoint explicit indices."""
         if self._closed:
             raise TrajstoreError("the writer is closed", self.path)
-        expert_id = self.next_id() if index is None else int(index)
+        expert_id = self.next_id() if index is None else integer(index, "expert index", self.path)
         if expert_id < 0:
             raise TrajstoreError(f"expert index {expert_id} is negative", self.path)
         if expert_id in self._taken or expert_id in self.existing_experts():
@@ -237,8 +251,8 @@ class Writer:
         meta = self.meta
         final = self._root / expert_dir(expert_id)
         tmp = self._root / EXPERTS / f".tmp-{expert_id:06d}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             files: dict[str, str] = {}
             for epoch in meta.anchor_epochs:
                 data = anchorfile.encode(meta.layers, anchors[epoch], {"epoch": str(epoch)})
@@ -261,7 +275,17 @@ class Writer:
         if self._closed:
             return self.path
         self._closed = True
-        self.meta.complete = True
+        was_complete, self.meta.complete = self.meta.complete, True
+        try:
+            with os_errors(self.path):
+                self._finish()
+        except BaseException:  # e.g. a full disk: remove what was built, as abort() does
+            self.meta.complete = was_complete
+            self.abort()
+            raise
+        return self.path
+
+    def _finish(self) -> None:
         atomic.write_bytes(self._root / ROOT_META, self.meta.encode())
         if self.single_file:
             try:
@@ -270,7 +294,6 @@ class Writer:
                 shutil.rmtree(self._root, ignore_errors=True)
         elif self._root != self.path:
             atomic.publish_dir(self._root, self.path, overwrite=True)
-        return self.path
 
     def abort(self) -> None:
         """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""

@@ -52,7 +52,7 @@ def load(path: str | Path, *, quiet: bool = False) -> tuple[object, bool]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+    except Exception as exc:  # a corrupt zip or pickle fails with many types (struct.error, Unicode..., ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"cannot be read as a torch file; truncated or corrupt? ({first})", path) from None
     return obj, mapped

@@ -86,8 +86,8 @@ class ZipFileStore:
         try:
             with zipfile.ZipFile(self.path) as zf:
                 infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise FormatError(f"not a readable single-file .ctraj ({exc})", self.path) from None
+        except Exception as exc:  # a corrupt central directory fails with many types, not only BadZipFile
+            raise FormatError(f"not a readable single-file .ctraj ({type(exc).__name__}: {exc})", self.path) from None
         self._infos = {i.filename: i for i in infos if not i.is_dir()}
         self._map = _map_file(self.path, "single-file .ctraj")
         self._offsets: dict[str, int] = {}
