@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from ..progress import progress_bar
 from ..stores import atomic
 from ..stores.overlap import check_separate
 from ..archive import is_archive, open_archive
@@ -83,7 +82,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
         with create(build, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
                     single_file=single_file) as writer:
-            for i in tqdm(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
+            for i in progress_bar(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
                 origin = source.source_of(i)
                 try:
                     writer.write_expert(source.timesteps(i), provenance={"source": origin})
