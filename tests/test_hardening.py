@@ -5,6 +5,7 @@ and from checksums recomputed here with hashlib, never from the code under test.
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -55,6 +56,20 @@ def edit_manifest(path: Path, expert: str = "000000", fn=None):
     manifest_path(path, expert).write_text(json.dumps(doc))
 
 
+def reseal_root(path: Path):
+    """Record every expert's manifest sha256 in the root and the root's own sha256, as docs/format.md §2
+    defines them (written here from the spec): what a hand edit that knows the format would do."""
+    root = path / "zarr.json"
+    doc = json.loads(root.read_text())
+    meta = doc["attributes"]["trajstore"]
+    meta["experts"] = {name: hashlib.sha256((path / "experts" / name / "zarr.json").read_bytes()).hexdigest()
+                       for name in meta["experts"]}
+    meta["sha256"] = "0" * 64
+    data = json.dumps(doc, indent=2).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    root.write_bytes(data.replace(b'"' + b"0" * 64 + b'"', f'"{digest}"'.encode()))
+
+
 def rewrite_array(path: Path, expert: str, name: str, values: np.ndarray):
     """Replace an expert's zarr array with `values` and record the new files' sha256 in its manifest,
     as a hand edit that knows the format would (so only value checks can catch it)."""
@@ -72,6 +87,7 @@ def rewrite_array(path: Path, expert: str, name: str, values: np.ndarray):
                 info["files"][str(p.relative_to(d))] = hashlib.sha256(p.read_bytes()).hexdigest()
 
     edit_manifest(path, expert, reseal)
+    reseal_root(path)
 
 
 def cli(*args, preexec=None):
@@ -93,7 +109,8 @@ def cli(*args, preexec=None):
 def assert_one_line_error(result, *needles):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    progress = re.compile(r"^[\w ]+:\s+\d+%\|")  # tqdm's bar, redrawn with \r, is not an error line
+    lines = [ln for ln in re.split(r"[\r\n]", result.stderr) if ln.strip() and not progress.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -537,3 +554,202 @@ def test_dangling_symlink_output_is_refused_and_kept(tmp_path, legacy_buffer):
     with pytest.raises(trajstore.ExistsError, match="symbolic link"):
         trajstore.create(link, SMALL_LAYERS, 11)
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+# -- class 1: metadata that decides numbers is covered by a checksum and cross-checked ----------------
+
+def numbers(path, c=7.25):
+    reader = trajstore.open(path)
+    return [reader.expert(i).at(c, flat=True) for i in range(reader.num_experts)]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.__setitem__("anchor_epochs", [0, 10]),  # drop the inner anchor
+    lambda m: m.__setitem__("layers", m["layers"][::-1]),  # reorder the layer table
+    lambda m: m["layers"][2].__setitem__("name", "fc.renamed"),
+    lambda m: m.__setitem__("smoothing", "mct"),
+    lambda m: m["provenance"].__setitem__("tool", "someone else"),
+])
+def test_any_edit_of_the_root_metadata_is_detected(store, edit):
+    doc = json.loads((store / "zarr.json").read_text())
+    edit(doc["attributes"]["trajstore"])
+    (store / "zarr.json").write_text(json.dumps(doc, indent=2))
+    with pytest.raises(trajstore.ChecksumError, match="zarr.json"):
+        trajstore.open(store)
+    assert_one_line_error(cli("verify", store), "zarr.json")
+
+
+def test_a_resealed_anchor_edit_is_still_caught_by_the_experts_files(store):
+    """Even an edit that recomputes the root's checksum cannot drop an anchor: every expert's
+    manifest lists exactly the anchor files of the store's anchor epochs."""
+    edit_root(store, anchor_epochs=[0, 10])
+    reseal_root(store)
+    with pytest.raises(trajstore.FormatError, match="anchor_0005"):
+        trajstore.open(store).expert(0).at(7.25)
+    assert_one_line_error(cli("verify", store), "anchor_0005")
+
+
+def test_archive_root_metadata_edit_is_detected(tmp_path, legacy_buffer):
+    directory, _ = legacy_buffer
+    archive = tmp_path / "p.zarr"
+    pack(directory, archive, progress=False)
+    doc = json.loads((archive / "zarr.json").read_text())
+    layers = doc["attributes"]["trajstore_archive"]["layers"]
+    layers[0]["name"], layers[1]["name"] = layers[1]["name"], layers[0]["name"]  # swap two names
+    (archive / "zarr.json").write_text(json.dumps(doc, indent=2))
+    assert_one_line_error(cli("verify", archive), "zarr.json")
+    with pytest.raises(trajstore.ChecksumError):
+        convert(archive, tmp_path / "c.ctraj", progress=False)
+    assert not (tmp_path / "c.ctraj").exists()
+
+
+def test_archive_array_metadata_edit_is_detected(tmp_path, legacy_buffer):
+    directory, _ = legacy_buffer
+    archive = tmp_path / "p.zarr"
+    pack(directory, archive, progress=False)
+    meta = archive / "params" / "001" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["layer"]["name"] = "other"
+    meta.write_text(json.dumps(doc))
+    assert_one_line_error(cli("verify", archive), "001")
+
+
+# -- class 2: the manifest is enforced ------------------------------------------------------------
+
+def test_a_chunk_dropped_from_the_manifest_is_never_read(store):
+    """Drop a beta chunk's line from the manifest and rewrite the chunk (with a resealed root, so only
+    manifest enforcement can catch it): reading must refuse, not decode the unlisted chunk."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    d = store / "experts" / "000000"
+    beta = trajstore.open(store).expert(0).beta.copy()
+    beta[2:5, 0] = np.linspace(0.01, 0.02, 3)  # other numbers, still a valid schedule
+    shutil.rmtree(d / "beta")
+    zarr.create_array(LocalStore(d), name="beta", data=beta, chunks=beta.shape)
+    edit_manifest(store, "000000", lambda info: info["files"].pop("beta/c/0/0"))
+    reseal_root(store)
+    with pytest.raises(trajstore.FormatError, match="c/0/0"):
+        trajstore.open(store).expert(0).at(3.5)
+    assert_one_line_error(cli("verify", store), "c/0/0")
+
+
+def test_a_manifest_edit_without_resealing_is_a_checksum_error(store):
+    edit_manifest(store, "000001", lambda info: info["provenance"].__setitem__("written", "yesterday"))
+    with pytest.raises(trajstore.ChecksumError, match="000001"):
+        trajstore.open(store).expert(1).at(3.5)
+    assert_one_line_error(cli("verify", store), "000001")
+
+
+# -- class 3: the store records its experts ------------------------------------------------------
+
+def test_a_deleted_expert_is_an_error_not_a_smaller_store(store):
+    (store / "experts" / "000001" / "zarr.json").unlink()
+    with pytest.raises(trajstore.FormatError, match="000001"):
+        trajstore.open(store)
+    assert_one_line_error(cli("verify", store), "000001")
+    shutil.rmtree(store / "experts" / "000001")
+    assert_one_line_error(cli("verify", store), "000001")
+
+
+def test_a_renamed_expert_member_of_the_single_file_is_an_error(store, tmp_path):
+    single = to_single_file(store, tmp_path / "one.ctraj")
+    data = bytearray(single.read_bytes())
+    name = b"experts/000001/zarr.json"
+    central = data.rfind(name)  # the central directory's copy of the member name
+    assert central > data.find(name)
+    data[central + len(name) - 1] ^= 0x01  # zarr.json -> zarr.jsoo
+    single.write_bytes(bytes(data))
+    with pytest.raises(trajstore.FormatError, match="000001"):
+        trajstore.open(single)
+
+
+def test_non_canonical_expert_names_never_alias(store, tmp_path):
+    want = numbers(store)
+    for name in ("1", "0000001", "01"):
+        shutil.copytree(store / "experts" / "000001", store / "experts" / name)
+    reader = trajstore.open(store)
+    assert len(reader) == 2 and reader.expert_ids == [0, 1]
+    reader.verify()
+    assert all(torch.equal(a, b) for a, b in zip(numbers(store), want))
+    files = export_mtt(store, tmp_path / "exported", progress=False)
+    assert len(torch.load(files[0], weights_only=True)) == 2
+
+
+def test_concurrent_appenders_all_end_up_listed(store):
+    """Four writers append at once (threads, each its own Writer) and close together: the root that
+    stays must list every expert, whichever close writes it last."""
+    import threading
+
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def append(index):
+        try:
+            w = trajstore.create(store, SMALL_LAYERS, 11, waypoints=(5,), append=True)
+            w.write_expert(random_walk(seed=index), index=index)
+            barrier.wait()
+            w.close()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(10, 14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    reader = trajstore.open(store)
+    assert reader.expert_ids == [0, 1, 10, 11, 12, 13] and reader.unlisted_ids == []
+    reader.verify()
+
+
+def test_an_append_in_progress_or_interrupted_is_not_yet_part_of_the_store(store):
+    before = numbers(store)
+    w = trajstore.create(store, SMALL_LAYERS, 11, waypoints=(5,), append=True)
+    w.write_expert(random_walk(seed=7))  # published, but the writer has not closed (or crashed)
+    reader = trajstore.open(store)
+    assert reader.expert_ids == [0, 1] and reader.unlisted_ids == [2]
+    reader.verify()
+    result = cli("verify", store, "--quiet")
+    assert result.returncode == 0 and "2 experts" in result.stdout and "note: 1 expert(s)" in result.stdout
+    assert all(torch.equal(a, b) for a, b in zip(numbers(store), before))
+    with trajstore.create(store, SMALL_LAYERS, 11, waypoints=(5,), append=True):
+        pass  # resuming lists it
+    assert trajstore.open(store).expert_ids == [0, 1, 2]
+
+
+# -- format version 1 is still read --------------------------------------------------------------
+
+def as_version_1(path: Path):
+    """What trajstore 0.1 wrote: the same tree, the root without `experts` and `sha256`, version 1."""
+    doc = json.loads((path / "zarr.json").read_text())
+    meta = doc["attributes"]["trajstore"]
+    del meta["experts"], meta["sha256"]
+    meta["version"] = 1
+    (path / "zarr.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def test_version_1_stores_read_the_same_numbers(store):
+    want = numbers(store)
+    as_version_1(store)
+    reader = trajstore.open(store)
+    reader.verify()
+    assert reader.meta.version == 1
+    assert all(torch.equal(a, b) for a, b in zip(numbers(store), want))
+    # appending upgrades it: the closing writer records the experts and the root's sha256
+    with trajstore.create(store, SMALL_LAYERS, 11, waypoints=(5,), append=True) as w:
+        w.write_expert(random_walk(seed=3))
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["trajstore"]["version"] == 2
+    assert trajstore.open(store).expert_ids == [0, 1, 2]
+
+
+def test_what_a_version_1_store_cannot_detect(store):
+    """docs/format.md §9: a version-1 root has no checksum and no expert list, so a deleted expert
+    or a reordered layer table of equal shapes goes unnoticed; the manifests still catch the rest."""
+    as_version_1(store)
+    shutil.rmtree(store / "experts" / "000001")
+    assert trajstore.open(store).expert_ids == [0]
+    edit_root(store, anchor_epochs=[0, 10])
+    with pytest.raises(trajstore.FormatError, match="anchor_0005"):
+        trajstore.open(store).verify()

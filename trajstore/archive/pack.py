@@ -20,7 +20,7 @@ from ..legacy import open_buffer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
 from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
-                    open_archive, trajectory_sha256)
+                    open_archive, seal_root, trajectory_sha256)
 from ..tools.reports import WriteReport
 from ..tools.threads import single_threaded
 
@@ -101,6 +101,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
             "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "tool": f"trajstore {__version__}"},
         }
+        seal_root(tmp, len(source.layers))
         open_archive(tmp)  # what was written must read back before it replaces anything
         atomic.publish_dir(tmp, out, overwrite=overwrite)
     finally:
@@ -136,8 +137,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
         for name, experts in plan:
             trajectories = []
             for i in experts:
-                steps = buf.trajectory(i)
-                buf.check(i, steps)
+                steps = buf.trajectory(i)  # checked against the sha256 recorded when packing
                 trajectories.append([[t.clone() for t in step] for step in steps])  # a storage per tensor
                 bar.update()
             yield name, trajectories

@@ -10,11 +10,12 @@ from typing import Any
 
 from .arguments import short_repr
 from .beta import check_anchor_epochs
+from .checksums import PLACEHOLDER, check_sealed, seal
 from ..errors import FormatError, TrajstoreError, VersionError
 from .layers import Layer
 
 FORMAT_NAME = "ctraj"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the root records the experts and its own sha256 (docs/format.md §9)
 
 ROOT_META = "zarr.json"
 EXPERTS = "experts"
@@ -77,12 +78,17 @@ class StoreMeta:
     training: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     complete: bool = False
+    # expert directory name -> sha256 of its zarr.json, as of the last close; None in a version-1 store
+    experts: dict[str, str] | None = None
+    version: int = FORMAT_VERSION
 
     def to_attributes(self) -> dict[str, Any]:
         return {"trajstore": {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "complete": self.complete,
+            "experts": dict(sorted((self.experts or {}).items())),
+            "sha256": PLACEHOLDER,
             "num_timesteps": self.num_timesteps,
             "anchor_epochs": list(self.anchor_epochs),
             "smoothing": self.smoothing,
@@ -93,7 +99,8 @@ class StoreMeta:
         }}
 
     def encode(self) -> bytes:
-        return group_json(self.to_attributes())
+        """The root zarr.json (always the current version), its own sha256 recorded in it."""
+        return seal(group_json(self.to_attributes()))
 
     def same_layout(self, other: "StoreMeta") -> list[str]:
         """Differences that forbid writing experts of `other` into a store described by self."""
@@ -104,7 +111,8 @@ class StoreMeta:
         return diffs
 
     @classmethod
-    def decode(cls, data: bytes, where) -> "StoreMeta":
+    def decode(cls, data: bytes, where, check: bool = True) -> "StoreMeta":
+        """Parse and validate a root zarr.json; `check`: compare a version-2 root with its own sha256."""
         doc = load_json(data, where)
         attrs = doc.get("attributes")
         meta = attrs.get("trajstore") if isinstance(attrs, dict) else None
@@ -127,10 +135,18 @@ class StoreMeta:
             epochs = check_anchor_epochs(meta["anchor_epochs"], meta["num_timesteps"])
         except TrajstoreError as exc:
             raise FormatError(f"malformed trajstore metadata: {exc}", where) from None
+        experts = None
+        if version >= 2:
+            problem = _sealed_problem(meta)
+            if problem:
+                raise FormatError(f"malformed trajstore metadata: {problem}", where)
+            if check:
+                check_sealed(data, meta["sha256"], where)
+            experts = dict(meta["experts"])
         return cls(layers=layers, num_timesteps=meta["num_timesteps"], anchor_epochs=epochs,
                    smoothing=meta.get("smoothing"), architecture=meta.get("architecture"),
                    training=meta.get("training") or {}, provenance=meta.get("provenance") or {},
-                   complete=meta["complete"])
+                   complete=meta["complete"], experts=experts, version=version)
 
 
 # key -> (check, what it must be) for the root metadata; optional keys may also be absent or null
@@ -146,6 +162,19 @@ _OPTIONAL_KEYS: dict[str, tuple] = {
     "training": (lambda v: isinstance(v, dict), "an object"),
     "provenance": (lambda v: isinstance(v, dict), "an object"),
 }
+
+
+def _sealed_problem(meta: Mapping) -> str | None:
+    """What is wrong with the version-2 keys: the expert table and the document's own sha256."""
+    experts, digest = meta.get("experts"), meta.get("sha256")
+    if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+        return f"'sha256' is {short_repr(digest)}, expected a lowercase hex sha256"
+    if not isinstance(experts, dict):
+        return f"'experts' is {short_repr(experts)}, expected an object"
+    for name, value in experts.items():
+        if expert_id_of(name) is None or not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
+            return f"'experts' entry {short_repr(name)}: {short_repr(value)} is not a canonical expert name and a sha256"
+    return None
 
 
 def _meta_problem(meta: Mapping) -> str | None:

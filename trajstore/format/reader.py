@@ -95,8 +95,12 @@ class Expert:
     def _manifest(self) -> dict[str, str]:
         if self._files is None:
             key = f"{self._dir}/{ROOT_META}"
-            self._files, self._provenance = decode_manifest(self._s._store.read_bytes(key), self._s._describe(key),
-                                                            self.id, self.anchor_epochs)
+            data, where = self._s._store.read_bytes(key), self._s._describe(key)
+            files, self._provenance = decode_manifest(data, where, self.id, self.anchor_epochs)
+            recorded = self._s.meta.experts
+            if recorded is not None and self._s.verify_checksums:  # version 2: the root covers the manifest
+                checksums.check(data, recorded[self._dir.rsplit("/", 1)[-1]], where)
+            self._files = files
         return self._files
 
     def _bytes(self, rel: str, mapped: bool = False):
@@ -222,7 +226,8 @@ class CTraj:
         self._store = open_store(location)
         self._disk = None
         self._disk_settings = (cache_dir, disk_cache_bytes)
-        meta = StoreMeta.decode(self._store.read_bytes(ROOT_META), self._describe(ROOT_META))
+        meta = StoreMeta.decode(self._store.read_bytes(ROOT_META), self._describe(ROOT_META),
+                                check=verify_checksums)
         if not meta.complete:
             raise FormatError("unfinished write: the writer was interrupted before closing the store "
                               "(resume it with append=True, or remove it)", self.path)
@@ -230,8 +235,7 @@ class CTraj:
         self.layers = meta.layers
         self._numels = [layer.numel for layer in meta.layers]
         self.num_params = sum(self._numels)
-        self._ids = sorted(i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META))
-                           if i is not None)
+        self._ids, self.unlisted_ids = self._expert_ids()
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = cache_bytes
@@ -241,6 +245,23 @@ class CTraj:
     def __repr__(self):
         return (f"<CTraj {self.path}: {self.num_experts} experts, {self.num_timesteps} timesteps, "
                 f"anchors {list(self.anchor_epochs)}, {len(self.layers)} layers>")
+
+    def _expert_ids(self) -> tuple[list[int], list[int]]:
+        """(the store's expert ids, ids of published experts the root does not list yet).
+
+        A version-2 root lists its experts as of the last close, so an expert deleted or renamed is an
+        error, and one published since (an append in progress or interrupted) is not yet part of the
+        store. Only canonical names count: "1" or digits of other scripts never alias expert 000001.
+        """
+        present = {i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META)) if i is not None}
+        if self.meta.experts is None:  # version 1: whatever is there
+            return sorted(present), []
+        listed = {expert_id_of(name) for name in self.meta.experts}
+        missing = sorted(listed - present)
+        if missing:
+            raise FormatError("expert listed in the root metadata is missing (its zarr.json was deleted or renamed); "
+                              "restore it from a copy", self._describe(f"{expert_dir(missing[0])}/{ROOT_META}"))
+        return sorted(listed), sorted(present - listed)
 
     def _describe(self, key: str):
         return self._store.describe(key)

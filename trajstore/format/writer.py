@@ -294,7 +294,7 @@ class Writer:
         return self.path
 
     def _finish(self) -> None:
-        self._store.write_bytes(ROOT_META, self.meta.encode())
+        self._record_experts()
         if self.single_file:
             try:
                 publish_single_file(self._store.root, self._target, overwrite=self._overwrite)
@@ -302,6 +302,23 @@ class Writer:
                 self._store.delete("")
         elif self._replacing:
             self._target_store.finish_replace(self._store)
+
+    def _record_experts(self) -> None:
+        """Write the root metadata listing every published expert with its manifest's sha256.
+
+        Writers appending at once each rewrite the root on close, so each checks afterwards that no
+        expert appeared that its list lacks, and writes again if one did: the root written last then
+        lists every expert published before any writer's close (docs/format.md §8).
+        """
+        store = self._store
+        while True:
+            ids = self.existing_experts()
+            names = [expert_dir(i).rsplit("/", 1)[-1] for i in ids]
+            self.meta.experts = {name: checksums.sha256(store.read_bytes(f"{EXPERTS}/{name}/{ROOT_META}"))
+                                 for name in names}
+            store.write_bytes(ROOT_META, self.meta.encode())
+            if set(self.existing_experts()) <= set(ids):
+                return
 
     def abort(self) -> None:
         """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""
