@@ -79,8 +79,8 @@ def check_zip_crcs(path: Path) -> None:
     except OSError as exc:
         raise FormatError(f"cannot read: {exc.strerror or exc}", path) from None
     except Exception as exc:  # BadZipFile, and whatever a corrupt zip directory makes zipfile raise
-        raise FormatError(f"corrupt torch file ({type(exc).__name__}: {exc}); the file was damaged after "
-                          "it was written", path) from None
+        raise FormatError(f"truncated or corrupt torch file ({type(exc).__name__}: {exc}): damaged after it "
+                          "was written; restore it from a copy", path) from None
 
 
 def _refusal(path: Path, exc: Exception) -> FormatError:
