@@ -362,3 +362,48 @@ def test_cross_architecture_table(tmp_path):
     assert bad.exit_code == 1 and "unknown model 'ResNet50'" in bad.output
     both = CliRunner().invoke(cli, ["evaluate", str(path), "--models", "MLP", "--model", "MLP"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_convert_names_a_legacy_buffer_of_another_family(tmp_path, legacy_write):
+    from click.testing import CliRunner
+
+    from trajstore.cli.main import cli
+
+    source = tmp_path / "buffers" / "run7"  # a directory name that names no network: shapes decide
+    legacy_write(source, 2, num_timesteps=3, layers=LENET)
+    result = CliRunner().invoke(cli, ["convert", str(source), str(tmp_path / "a.ctraj"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = trajstore.open(tmp_path / "a.ctraj")
+    assert [(layer.name, tuple(layer.shape)) for layer in store.layers] == LENET
+    assert store.architecture["name"] == "LeNet" and store.architecture["source"] == "inferred from shapes"
+    result = CliRunner().invoke(cli, ["convert", str(source), str(tmp_path / "b.ctraj"), "--model", "AlexNet"])
+    assert result.exit_code == 1 and "do not have the shapes of AlexNet" in result.output
+    # shapes no family has: converted all the same, with generic names, and a warning that says so
+    odd = tmp_path / "buffers" / "odd"
+    legacy_write(odd, 1, num_timesteps=3, layers=[("w", (5, 7)), ("b", (5,))])
+    with pytest.warns(UserWarning, match="match no known architecture .*ResNet18.*param_0 .. param_1"):
+        result = CliRunner().invoke(cli, ["convert", str(odd), str(tmp_path / "c.ctraj"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [layer.name for layer in trajstore.open(tmp_path / "c.ctraj").layers] == ["param_0", "param_1"]
+
+
+def test_crossarch_benchmark_merges_one_table(tmp_path):
+    import json
+
+    from benchmarks import bench_crossarch
+    from trajstore.distill.evaluate import random_subset
+    from trajstore.distill.synset import save_synset
+
+    ds = load_dataset("digits", im_size=(8, 8), channels=1)
+    paths = {}
+    for seed, name in enumerate(("A", "B")):
+        images, labels = random_subset(ds, 1, seed=seed)
+        paths[name] = save_synset(tmp_path / f"{name}.safetensors", images, labels, lr=0.01, meta={}, dataset=ds)
+    out = tmp_path / "x.json"
+    bench_crossarch.main(["--set", f"A={paths['A']}", "--set", f"B={paths['B']}", "--models", "MLP,ResNet18",
+                          "--nets", "1", "--epochs", "1", "--workers", "1", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["results"]["models"] == ["MLP", "ResNet18"] and doc["results"]["sets"] == ["A", "B"]
+    assert doc["results"]["cells"]["MLP"]["B"]["result"]["accuracies"][0] > 0
+    assert "needs larger images" in doc["results"]["cells"]["ResNet18"]["A"]["skipped"]
+    assert (tmp_path / "x.md").read_text().startswith("| network | A (%) | B (%) |")
