@@ -471,7 +471,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
             f"{config.iterations} iterations on {device}"
             + (f" x {group.world_size} processes" if group is not None else ""))
     metrics = open(out / METRICS, "ab") if main else io.BytesIO()  # only rank 0 writes the run folder
-    sink = loggers.open_logger(logger, out, config.to_json()) if main else None
+    history = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if logger and main else []
+    sink = loggers.open_logger(logger, out, config.to_json(), history) if main else None
 
     def checkpoint() -> None:
         if not main:
