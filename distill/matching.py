@@ -261,7 +261,7 @@ class Matcher:
     """Runs distillation iterations: sample, unroll, Eq. 2, backward, SGD (momentum 0.5) on images and lr.
 
     All randomness (expert, start position, minibatches, augmentation seeds) comes from `rng`, so a run is
-    reproducible from its seed and resumable from `state_dict()`. The student's module is moved to the
+    reproducible from its seed and resumable from `state_dict()` (which holds the source's expert walk). The student's module is moved to the
     synthetic set's device and dtype and put in training mode, as upstream trains its students.
     """
 
@@ -312,6 +312,7 @@ class Matcher:
             "optimizer_img": self.optimizer_img.state_dict(),
             "optimizer_lr": self.optimizer_lr.state_dict(),
             "rng": self.rng.bit_generator.state,
+            "walk": self.source.walk.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,5 +329,6 @@ class Matcher:
             self.rng.bit_generator.state = state["rng"]
         except (TypeError, ValueError) as exc:
             raise TrajstoreError(f"saved random state does not fit this run's generator: {exc}") from None
+        self.source.walk.load_state_dict(state["walk"])
         self.iteration = int(state["iteration"])
 

@@ -61,7 +61,7 @@ RESULT = "result.json"
 BEST = "synset_best.safetensors"
 FINAL = "synset_final.safetensors"
 ACCURACY_PNG = "accuracy.png"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the expert walk is part of the state
 DEFAULT_LR_TEACHER = 0.01  # upstream's --lr_teacher default, for experts that do not record their lr
 
 # Settings that may change between a run and its resumption: where things are, not what is computed.
@@ -304,10 +304,10 @@ def _initial_set(config: DistillConfig, setup: _Setup, rng: np.random.Generator,
 
 
 def _check_windows(config: DistillConfig, source: TrajectorySource) -> None:
-    """Draw one (start, target) pair with a throwaway generator, so a window that does not fit the
-    trajectories is refused before anything is written."""
+    """Draw one (start, target) pair of expert 0 with a throwaway generator (leaving the expert walk
+    alone), so a window that does not fit the trajectories is refused before anything is written."""
     source.sample(np.random.default_rng(0), config.max_start_epoch, config.expert_epochs,
-                  discrete=config.discrete, dtype=torch.float32)
+                  discrete=config.discrete, dtype=torch.float32, expert=0)
 
 
 def _prepare_out_dir(out: Path, config: DistillConfig, *, resume: bool, overwrite: bool) -> bool:
