@@ -62,6 +62,7 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-nets", type=int, default=5)
+    p.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation network [the scale's]")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated distillation seeds")
     p.add_argument("--expert-epochs", type=float, default=None, help="M for both methods [the scale's]")
     p.add_argument("--memory", default="plain", help="matching gradient mode for both methods [plain]")
@@ -90,7 +91,8 @@ def main(argv=None):
                                        model=s.model, ipc=1, syn_steps=s.syn_steps, max_start_epoch=s.max_start_epoch,
                                        lr_img=s.lr_img, lr_lr=s.lr_lr, lr_teacher=EXPERT_LR,
                                        iterations=args.iterations, eval_every=args.eval_every,
-                                       eval_nets=args.eval_nets, eval_epochs=s.eval_epochs, memory=args.memory,
+                                       eval_nets=args.eval_nets, memory=args.memory,
+                                       eval_epochs=s.eval_epochs if args.eval_epochs is None else args.eval_epochs,
                                        seed=seed)
                 run_dir = work / f"{method}_M{m:g}_seed{seed}"
                 r = distill(config, run_dir, overwrite=True, progress=False, log=lambda _: None)

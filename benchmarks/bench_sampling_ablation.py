@@ -15,12 +15,14 @@ and std over seeds. A PNG shows the best accuracy against k for both samplings.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import trajstore
 from benchmarks.common import write_result
 from trajstore.distill.data import load_dataset
 from trajstore.distill.experts import train_experts
@@ -46,6 +48,8 @@ def main(argv=None):
     p.add_argument("--eval-epochs", type=int, default=None, help="[the scale's]")
     p.add_argument("--scale", default="full", choices=sorted(SCALES))
     p.add_argument("--work", default=None, help="keep experts and runs here (default: a temporary dir)")
+    p.add_argument("--experts-from", default=None, help="a directory .ctraj of the same scale and seed 0 whose "
+                   "experts are reused (e.g. bench_convergence's --work DIR/experts.ctraj)")
     p.add_argument("--png", default="benchmarks/results/sampling_ablation.png")
     p.add_argument("--out", default="benchmarks/results/sampling_ablation.json")
     args = p.parse_args(argv)
@@ -57,11 +61,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         ds = load_dataset("digits", im_size=(s.im_size, s.im_size), channels=1)
-        for k in counts:
-            # Expert i is seeded by (seed, i), so each store holds the first k of the same training runs.
+        stores = [Path(args.experts_from)] if args.experts_from else []
+        for k in sorted(counts):
+            # Expert i is seeded by (seed, i), so each store holds the first k of the same training runs:
+            # a copy of the largest smaller store is completed by training only the missing experts.
             ctraj = work / f"experts{k}.ctraj"
+            smaller = [p for p in stores if trajstore.open(p).num_experts <= k]
+            if not ctraj.exists() and smaller:
+                shutil.copytree(max(smaller, key=lambda p: trajstore.open(p).num_experts), ctraj)
             train_experts(ctraj, dataset=ds, model=s.model, num_experts=k, epochs=s.epochs, lr=EXPERT_LR,
                           batch_size=s.batch_size, waypoints=s.waypoints, seed=0, progress=False, log=lambda _: None)
+            stores.append(ctraj)
             for sampling, discrete in SAMPLINGS.items():
                 best, final = [], []
                 for seed in seeds:
