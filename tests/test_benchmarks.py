@@ -44,7 +44,7 @@ def test_storage(tmp_path):
 
 def test_convergence(tmp_path):
     r = result(bench_convergence.main(["--scale", "smoke", "--iterations", "2", "--eval-every", "1",
-                                       "--eval-nets", "1", "--png", str(tmp_path / "c.png"),
+                                       "--eval-nets", "1", "--seeds", "0", "--png", str(tmp_path / "c.png"),
                                        "--out", str(tmp_path / "cv.json")]))
     assert set(r) == {"mct_seed0", "mtt_seed0", "mct_over_seeds", "mtt_over_seeds"}
     assert [it for it, _, _ in r["mct_seed0"]["curve"]] == [0, 1, 2]

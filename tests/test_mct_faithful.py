@@ -207,3 +207,139 @@ def test_walk_state_resumes_mid_pass_and_refuses_foreign_states():
             ExpertWalk(4).load_state_dict(bad)
     with pytest.raises(OutOfRangeError):
         ExpertWalk(0)
+
+
+def test_discrete_starts_are_integers_below_max_start_for_both_sources(tmp_path):
+    import trajstore
+    from tests.helpers import SMALL_LAYERS, random_walk, write_store
+
+    store = trajstore.open(write_store(tmp_path / "d.ctraj", [random_walk(seed=s) for s in range(3)]))
+
+    class Buffer:  # the legacy interface over the same walks
+        num_experts, num_timesteps = 3, 11
+        layers = store.layers
+
+        def timestep(self, i, t):
+            return random_walk(seed=i)[t]
+
+    rng = np.random.default_rng(0)
+    mct = {ConvexifiedSource(store).sample(rng, 5, 2, discrete=True)[2].start for _ in range(300)}
+    mtt = {LegacySource(Buffer()).sample(rng, 5, 2)[2].start for _ in range(300)}
+    assert mct == mtt == {0.0, 1.0, 2.0, 3.0, 4.0}  # np.random.randint(0, 5), as MTT draws them
+    with pytest.raises(OutOfRangeError, match="discrete start"):
+        ConvexifiedSource(store).sample(rng, 0, 2, discrete=True)
+    walked = [ConvexifiedSource(store).sample(np.random.default_rng(4), 5, 2)[2].expert for _ in range(1)]
+    src = ConvexifiedSource(store)
+    walked = [src.sample(rng, 5, 2)[2].expert for _ in range(9)]
+    assert all(sorted(walked[i:i + 3]) == [0, 1, 2] for i in (0, 3, 6))
+    assert src.sample(rng, 5, 2, expert=2)[2].expert == 2 and src.walk.position == 3  # an explicit expert
+    with pytest.raises(OutOfRangeError, match="not one of the 3 experts"):
+        src.sample(rng, 5, 2, expert=3)
+
+
+def test_matcher_checkpoint_resumes_the_expert_walk(digits, tmp_path):
+    import trajstore
+    from tests.helpers import random_walk
+
+    net = tiny_net()
+    layers = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
+    base = [p.detach().float() for p in net.parameters()]
+    trajs = [[[b + 0.01 * (t + 1 + e) * torch.ones_like(b) for b in base] for t in range(6)] for e in range(3)]
+    with trajstore.create(tmp_path / "w.ctraj", layers, 6) as w:
+        for traj in trajs:
+            w.write_expert(traj)
+    store = trajstore.open(tmp_path / "w.ctraj")
+
+    def matcher(seed):
+        s = SyntheticSet.from_real(*digits, ipc=1, lr_teacher=0.01, rng=np.random.default_rng(0), dtype=torch.float64)
+        cfg = MatchConfig(syn_steps=1, expert_epochs=1, max_start_epoch=3, memory="tesla")
+        return Matcher(ConvexifiedSource(store), s, FunctionalNet(copy.deepcopy(net)), cfg,
+                       rng=np.random.default_rng(seed))
+
+    first = matcher(5)
+    head = [first.step().expert for _ in range(4)]
+    state = copy.deepcopy(first.state_dict())
+    tail = [first.step().expert for _ in range(5)]
+    resumed = matcher(99)
+    resumed.load_state_dict(state)
+    assert [resumed.step().expert for _ in range(5)] == tail
+    assert sorted(head[:3]) == [0, 1, 2] and sorted((head + tail)[3:6]) == [0, 1, 2]
+    del random_walk
+
+
+# --- anchor smoothing: the MCT code's two ----------------------------------------------------------
+
+
+def _by_hand(traj, anchors, smoothing):
+    """Stored anchors and betas for `smoothing`, computed in float64 directly from the MCT code's description."""
+    K = len(traj) - 1
+    path = [[p.double() for p in step] for step in traj]
+    raw = [[p.double() for p in step] for step in traj]
+    for e in anchors[1:-1]:
+        if smoothing == "binomial":
+            path[e] = [0.5 * h + 0.25 * (b + a) for b, h, a in zip(raw[e - 1], raw[e], raw[e + 1])]
+        else:
+            path[e] = [(b + a) / 2 for b, a in zip(raw[e - 1], raw[e + 1])]
+    if smoothing == "binomial":
+        path[K] = [0.5 * x + 0.25 * (y + z) for x, y, z in zip(raw[K], raw[K - 2], raw[K - 1])]
+    else:
+        path[K] = [(y + x) / 2 for y, x in zip(raw[K - 1], raw[K])]
+    measured = path if smoothing == "binomial" else raw
+    norms = np.array([[float((a - b).norm()) for a, b in zip(measured[t + 1], measured[t])] for t in range(K)])
+    beta = np.zeros((K + 1, norms.shape[1]))
+    for a, b in zip(anchors, anchors[1:]):
+        for t in range(a + 1, b):
+            beta[t] = norms[a:t].sum(0) / norms[a:b].sum(0)
+    beta[K] = 1
+    raw_norms = np.array([[float((a - b).norm()) for a, b in zip(raw[t + 1], raw[t])] for t in range(K)])
+    return {e: path[e] for e in anchors}, beta, raw_norms
+
+
+@pytest.mark.parametrize("smoothing", ["binomial", "neighbour-mean"])
+def test_each_smoothing_stores_the_mct_codes_anchors_and_betas(tmp_path, smoothing):
+    import trajstore
+    from tests.helpers import SMALL_LAYERS, random_walk, write_store
+
+    traj = random_walk()
+    store = trajstore.open(write_store(tmp_path / "s.ctraj", [traj], waypoints=(3, 7), smoothing=smoothing))
+    assert store.smoothing == smoothing  # recorded in the root metadata
+    anchors, beta, raw_norms = _by_hand(traj, (0, 3, 7, 10), smoothing)
+    e = store.expert(0)
+    for epoch, want in anchors.items():
+        for (name, _), w in zip(SMALL_LAYERS, want):
+            torch.testing.assert_close(e.anchor(epoch)[name], w.float(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(e.beta, beta, rtol=1e-5, atol=1e-9)  # anchors are smoothed in float32
+    np.testing.assert_allclose(e.step_norms, raw_norms, rtol=1e-9)  # always the raw trajectory's
+
+
+def test_the_two_smoothings_differ_and_unknown_ones_are_refused(tmp_path):
+    import trajstore
+    from tests.helpers import random_walk, write_store
+
+    traj = random_walk()
+    a, b = (trajstore.open(write_store(tmp_path / f"{s}.ctraj", [traj], waypoints=(4,), smoothing=s)).expert(0)
+            for s in ("binomial", "neighbour-mean"))
+    assert not torch.equal(a.anchor(4)["fc.bias"], b.anchor(4)["fc.bias"])
+    assert not np.allclose(a.beta, b.beta)
+    with pytest.raises(TrajstoreError, match="unknown smoothing 'convexify'"):
+        write_store(tmp_path / "x.ctraj", [traj], smoothing="convexify")
+    assert not (tmp_path / "x.ctraj").exists()
+
+
+def test_cli_smoothing_choices_match_the_format_and_reach_the_metadata(tmp_path, legacy_buffer):
+    import trajstore
+    from click.testing import CliRunner
+    from trajstore.cli.main import cli
+    from trajstore.cli.options import SMOOTHING_CHOICES
+    from trajstore.format.beta import SMOOTHINGS
+
+    assert SMOOTHING_CHOICES == ("none", *SMOOTHINGS)
+    directory, _ = legacy_buffer
+    for choice in SMOOTHING_CHOICES:
+        out = tmp_path / f"{choice}.ctraj"
+        r = CliRunner().invoke(cli, ["convert", str(directory), str(out), "--waypoints", "4", "--smoothing", choice,
+                                     "--quiet"])
+        assert r.exit_code == 0, r.output
+        assert trajstore.open(out).smoothing == (None if choice == "none" else choice)
+    bad = CliRunner().invoke(cli, ["convert", str(directory), str(tmp_path / "b.ctraj"), "--smoothing", "mct"])
+    assert bad.exit_code == 2 and "Invalid value" in bad.output

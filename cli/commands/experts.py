@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import epoch_list
+from trajstore.cli.options import SMOOTHING_CHOICES, SMOOTHING_HELP, epoch_list
 
 
 @cli.command("experts")
@@ -20,6 +20,8 @@ from trajstore.cli.options import epoch_list
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--momentum", default=0.0, show_default=True, type=float)
 @click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
+@click.option("--smoothing", type=click.Choice(SMOOTHING_CHOICES), default="none", show_default=True,
+              help=SMOOTHING_HELP)
 @click.option("--zca/--no-zca", default=False, show_default=True, help="ZCA-whiten the data (kornia, eps 0.1).")
 @click.option("--dsa/--no-dsa", default=True, show_default=True, help="Differentiable siamese augmentation.")
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
@@ -28,14 +30,15 @@ from trajstore.cli.options import epoch_list
 @click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
-def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, waypoints, zca,
-                    dsa, legacy_dir, seed, device, plot, force, quiet):
+def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, waypoints,
+                    smoothing, zca, dsa, legacy_dir, seed, device, plot, force, quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job."""
     from trajstore.distill.experts import plot_accuracy, train_experts
 
     path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
                          epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca,
-                         waypoints=waypoints, legacy_dir=legacy_dir, seed=seed, device=device,
+                         waypoints=waypoints, smoothing=None if smoothing == "none" else smoothing,
+                         legacy_dir=legacy_dir, seed=seed, device=device,
                          progress=not quiet, log=(lambda _: None) if quiet else click.echo)
     click.echo(f"wrote {path}")
     if plot:
