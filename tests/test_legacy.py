@@ -9,7 +9,8 @@ from helpers import random_walk
 
 import trajstore
 from trajstore.distill.networks import build
-from trajstore.architectures.convnet import ConvNetSpec, infer, name_tensors, spec_for
+from trajstore.architectures import infer, name_tensors
+from trajstore.architectures.convnet import ConvNetSpec, spec_for
 from trajstore.tools.inspect import mtt_nbytes
 from trajstore.legacy import open_buffer
 
@@ -61,6 +62,8 @@ def test_a_named_architecture_must_fit():
     with pytest.raises(trajstore.FormatError, match="ConvNetD5"):
         name_tensors(shapes, "ConvNetD5")
     with pytest.raises(trajstore.FormatError, match="unknown model"):
+        name_tensors(shapes, "ResNet19")
+    with pytest.raises(trajstore.FormatError, match="shapes of ResNet18"):  # a network, but not this one
         name_tensors(shapes, "ResNet18")
     with pytest.raises(trajstore.FormatError, match="2 names were given"):
         name_tensors(shapes, ["a", "b"])
@@ -336,6 +339,6 @@ def test_mtt_nbytes_matches_torch_save_to_the_byte(tmp_path, legacy_layers, num_
 
 def test_mtt_nbytes_agrees_with_the_mct_authors_measurement():
     """100 CIFAR-10 ConvNet experts of 51 timesteps: 6,547,733,490 bytes as measured by the MCT authors
-    (legacy-buffers.md §4) with an older torch, whose pickles differ by a few bytes per tensor."""
+    (docs/legacy-formats.md §4) with an older torch, whose pickles differ by a few bytes per tensor."""
     cifar = [s for _, s in spec_for("ConvNet").layers()]
     assert mtt_nbytes(cifar, 51, 100) == pytest.approx(6_547_733_490, rel=1e-3)

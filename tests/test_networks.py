@@ -6,7 +6,7 @@ import torch
 from trajstore.distill.networks import ConvNet, ConvNetConfig, FunctionalNet, ModelError, build, config_for, flat_parameters
 from trajstore import TrajstoreError, layer_table
 
-# legacy-buffers.md §3: ConvNet (depth 3, width 128, instancenorm, avgpool) on 3x32x32, 10 classes
+# docs/legacy-formats.md §3: ConvNet (depth 3, width 128, instancenorm, avgpool) on 3x32x32, 10 classes
 REFERENCE_TABLE = [
     ("features.0.weight", (128, 3, 3, 3)), ("features.0.bias", (128,)),
     ("features.1.weight", (128,)), ("features.1.bias", (128,)),
@@ -76,7 +76,7 @@ def test_config_round_trip_and_unknown_models():
     cfg = config_for("ConvNetD5", 3, 100, (32, 32))
     assert cfg.depth == 5 and cfg.num_classes == 100
     assert ConvNetConfig.from_json({"name": "ConvNetD5", **cfg.to_json()}) == cfg
-    for bad in ("ResNet18", "ConvNetXX", "convnet"):
+    for bad in ("ResNet19", "ConvNetXX", "convnet"):  # ResNet18 is a network since the family registry
         with pytest.raises(ModelError, match="ConvNet") as info:
             build(bad)
         assert isinstance(info.value, TrajstoreError)
