@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import distill_or_reuse, write_result
 from trajstore.distill.data import load_dataset
 from trajstore.distill.experts import train_experts
 from trajstore.distill.quickstart import EXPERT_LR, SCALES
-from trajstore.distill.run import METRICS, DistillConfig, distill, plot_accuracy
+from trajstore.distill.run import METRICS, DistillConfig, plot_accuracy
 
 EPSILON = 0.02
 
@@ -95,7 +95,7 @@ def main(argv=None):
                                        eval_epochs=s.eval_epochs if args.eval_epochs is None else args.eval_epochs,
                                        seed=seed)
                 run_dir = work / f"{method}_M{m:g}_seed{seed}"
-                r = distill(config, run_dir, overwrite=True, progress=False, log=lambda _: None)
+                r = distill_or_reuse(config, run_dir)
                 evals = list(r.evals)
                 per_seed.append(evals)
                 results[f"{method}_seed{seed}"] = {

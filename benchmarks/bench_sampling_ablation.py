@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 import trajstore
-from benchmarks.common import write_result
+from benchmarks.common import distill_or_reuse, write_result
 from trajstore.distill.data import load_dataset
 from trajstore.distill.experts import train_experts
 from trajstore.distill.quickstart import EXPERT_LR, SCALES
-from trajstore.distill.run import DistillConfig, distill
+from trajstore.distill.run import DistillConfig
 from trajstore.distill.synset import save_figure
 
 SAMPLINGS = {"continuous": False, "discrete": True}
@@ -83,8 +83,7 @@ def main(argv=None):
                                            eval_every=args.eval_every, eval_nets=args.eval_nets,
                                            eval_epochs=s.eval_epochs if args.eval_epochs is None else args.eval_epochs,
                                            seed=seed)
-                    r = distill(config, work / f"{sampling}_k{k}_seed{seed}", overwrite=True, progress=False,
-                                log=lambda _: None)
+                    r = distill_or_reuse(config, work / f"{sampling}_k{k}_seed{seed}")
                     best.append(r.best.mean)
                     final.append(r.final.mean)
                     print(f"{sampling} k={k} seed {seed}: best {r.best.mean:.4f} final {r.final.mean:.4f}", flush=True)

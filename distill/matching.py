@@ -322,8 +322,9 @@ class Matcher:
     """Runs distillation iterations: sample, unroll, Eq. 2, backward, SGD (momentum 0.5) on images and lr.
 
     All randomness (expert, start position, minibatches, augmentation seeds) comes from `rng`, so a run is
-    reproducible from its seed and resumable from `state_dict()` (which holds the source's expert walk). The student's module is moved to the
-    synthetic set's device and dtype and put in training mode, as upstream trains its students.
+    reproducible from its seed and resumable from `state_dict()` (which holds the source's expert walk).
+    The student's module is moved to the synthetic set's device and dtype and put in training mode, as
+    upstream trains its students.
     """
 
     def __init__(self, source: TrajectorySource, synset: SyntheticSet, student: FunctionalNet,

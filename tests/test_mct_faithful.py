@@ -211,7 +211,7 @@ def test_walk_state_resumes_mid_pass_and_refuses_foreign_states():
 
 def test_discrete_starts_are_integers_below_max_start_for_both_sources(tmp_path):
     import trajstore
-    from tests.helpers import SMALL_LAYERS, random_walk, write_store
+    from tests.helpers import random_walk, write_store
 
     store = trajstore.open(write_store(tmp_path / "d.ctraj", [random_walk(seed=s) for s in range(3)]))
 
@@ -228,7 +228,6 @@ def test_discrete_starts_are_integers_below_max_start_for_both_sources(tmp_path)
     assert mct == mtt == {0.0, 1.0, 2.0, 3.0, 4.0}  # np.random.randint(0, 5), as MTT draws them
     with pytest.raises(OutOfRangeError, match="discrete start"):
         ConvexifiedSource(store).sample(rng, 0, 2, discrete=True)
-    walked = [ConvexifiedSource(store).sample(np.random.default_rng(4), 5, 2)[2].expert for _ in range(1)]
     src = ConvexifiedSource(store)
     walked = [src.sample(rng, 5, 2)[2].expert for _ in range(9)]
     assert all(sorted(walked[i:i + 3]) == [0, 1, 2] for i in (0, 3, 6))
@@ -239,7 +238,6 @@ def test_discrete_starts_are_integers_below_max_start_for_both_sources(tmp_path)
 
 def test_matcher_checkpoint_resumes_the_expert_walk(digits, tmp_path):
     import trajstore
-    from tests.helpers import random_walk
 
     net = tiny_net()
     layers = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
@@ -264,7 +262,6 @@ def test_matcher_checkpoint_resumes_the_expert_walk(digits, tmp_path):
     resumed.load_state_dict(state)
     assert [resumed.step().expert for _ in range(5)] == tail
     assert sorted(head[:3]) == [0, 1, 2] and sorted((head + tail)[3:6]) == [0, 1, 2]
-    del random_walk
 
 
 # --- anchor smoothing: the MCT code's two ----------------------------------------------------------
