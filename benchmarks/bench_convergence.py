@@ -65,6 +65,7 @@ def main(argv=None):
     p.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation network [the scale's]")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated distillation seeds")
     p.add_argument("--expert-epochs", type=float, default=None, help="M for both methods [the scale's]")
+    p.add_argument("--methods", default="mct,mtt", help="comma-separated: which methods to run [both]")
     p.add_argument("--memory", default="plain", help="matching gradient mode for both methods [plain]")
     p.add_argument("--scale", default="full", choices=sorted(SCALES))
     p.add_argument("--work", default=None, help="keep experts and runs here (default: a temporary dir)")
@@ -84,7 +85,9 @@ def main(argv=None):
                           lr=EXPERT_LR, batch_size=s.batch_size, waypoints=s.waypoints, legacy_dir=legacy, seed=0,
                           log=lambda _: None)
         results, curves = {}, {}
-        for method, source in (("mct", ctraj), ("mtt", legacy)):
+        sources = {"mct": ctraj, "mtt": legacy}
+        for method in args.methods.split(","):
+            source = sources[method]
             per_seed = []
             for seed in seeds:
                 config = DistillConfig(source=str(source), method=method, expert_epochs=m, dataset="digits",
