@@ -42,7 +42,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
                   epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
                   weight_decay: float = 0.0, dsa: bool = True, dsa_strategy: str = STRATEGY, zca: bool = False,
-                  waypoints: Sequence[int] = (),
+                  waypoints: Sequence[int] = (), smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print) -> Path:
@@ -53,6 +53,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
+    `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
     In a process group (see the module's doc) only rank 0 reports, with one bar over all experts' epochs.
     """
     out = Path(out)
@@ -69,7 +70,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                                      dataset.meta(), "model": model, "num_experts": num_experts, "epochs": epochs,
                                      "lr": lr, "batch_size": batch_size, "momentum": momentum, "dsa": dsa,
                                      "weight_decay": weight_decay, "dsa_strategy": dsa_strategy, "zca": zca,
-                                     "waypoints": list(waypoints), "seed": seed,
+                                     "waypoints": list(waypoints), "smoothing": smoothing, "seed": seed,
                                      "legacy_dir": str(legacy_dir) if legacy_dir is not None else None})
     dev = distributed.device_for(device)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_path=data_path, zca=zca)
@@ -92,7 +93,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
         layers = trajstore.layer_table(build_spec(config))
     if group is not None and not main:
         group.barrier()  # rank 0 creates the store (or fails) first; the others join it
-    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
+    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
+                          architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         if group is not None and main:
             group.barrier()

@@ -30,7 +30,7 @@ EXPERTS = dict(model="ConvNetW8", num_experts=3, epochs=2, waypoints=(1,), progr
 # batch_syn 3 of 10 images: minibatches of 3, 3, 3, 1, so rank 1 sometimes has no rows at all.
 DISTILL = dict(ipc=1, syn_steps=4, batch_syn=3, expert_epochs=1.5, max_start_epoch=0.5, iterations=3,
                eval_every=0, eval_nets=3, eval_epochs=1, checkpoint_every=1, lr_img=100.0, lr_lr=1e-7, dsa=True)
-MODES = ("plain", "constant")
+MODES = ("plain", "constant", "tesla")
 # CPU kernels sum in an order that depends on torch's thread count: the same count everywhere, so the
 # comparisons below are bit for bit (whatever earlier tests in this process set).
 THREADS = 1
