@@ -103,3 +103,31 @@ def test_evaluation_together_gives_the_accuracies_of_one_by_one(digits16):
     step = 1 / len(digits16.test_labels)  # float rounding may flip at most a borderline test image
     assert np.allclose(together.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
     assert len(set(one_by_one.accuracies)) > 1  # each network its own draws
+
+
+# -- experts trained together ----------------------------------------------------------------------
+
+from trajstore.distill.experts import train_experts  # noqa: E402
+
+
+def test_experts_trained_together_are_the_experts_trained_alone(tmp_path, digits16):
+    data = digits16.subset(200)
+    kw = dict(dataset=data, model="ConvNetW8", epochs=2, batch_size=64, num_experts=3, progress=False,
+              log=lambda _: None, seed=7)  # 4 shuffled batches per epoch
+    alone = trajstore.open(train_experts(tmp_path / "alone.ctraj", **kw))
+    together = trajstore.open(train_experts(tmp_path / "together.ctraj", batch_experts=2, legacy_dir=tmp_path / "legacy",
+                                            **kw))  # groups {0, 1} and {2}
+    twin = torch.load(tmp_path / "legacy" / "replay_buffer_0.pt", weights_only=True)
+    assert together.expert_ids == alone.expert_ids == [0, 1, 2] and len(twin) == 3
+    for i in range(3):
+        a, t = alone.expert(i), together.expert(i)
+        assert t.provenance["seed"] == a.provenance["seed"]
+        for epoch in a.anchor_epochs:
+            for name, value in a.anchor(epoch).items():
+                torch.testing.assert_close(t.anchor(epoch)[name], value, rtol=1e-4, atol=1e-5)
+        assert np.allclose(t.provenance["test_acc"], a.provenance["test_acc"], atol=0.011)
+        torch.testing.assert_close(t.step_norms, a.step_norms, rtol=1e-3, atol=1e-6)
+        last = together.num_timesteps - 1
+        assert all(torch.equal(p, t.anchor(last)[n]) for p, n in zip(twin[i][last], t.anchor(last)))
+    assert not torch.equal(together.expert(0).anchor(2)["classifier.bias"],
+                           together.expert(1).anchor(2)["classifier.bias"])
