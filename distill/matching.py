@@ -294,7 +294,11 @@ class Matcher:
                                  f"{value} (expert {info.expert}, start {info.start:g}); lower lr_img or lr_lr")
         self.optimizer_img.zero_grad()
         self.optimizer_lr.zero_grad()
-        loss.backward()
+        # Asking for the images' and the lr's gradients alone (not loss.backward()) spares the
+        # Hessian-vector product into the expert's start point that backward() would compute and drop.
+        trained = (self.synset.images, self.synset.syn_lr)
+        for p, g in zip(trained, torch.autograd.grad(loss, trained)):
+            p.grad = g
         self.optimizer_img.step()
         self.optimizer_lr.step()
         syn_lr = self.synset.syn_lr.item()
