@@ -22,7 +22,7 @@ from trajstore.errors import FormatError, TrajstoreError
 from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
 
-from .augment import STRATEGY, seeded_dsa
+from .augment import STRATEGY, seeded_dsa, strategy_operations
 from .batched import NetStack, stackable
 from .data import Dataset, load_dataset
 from .networks import build_spec, config_for
@@ -35,7 +35,8 @@ TRAJECTORIES_PER_FILE = 10  # upstream buffer.py's save_interval
 def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
                   epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
-                  weight_decay: float = 0.0, dsa: bool = True, zca: bool = False, waypoints: Sequence[int] = (),
+                  weight_decay: float = 0.0, dsa: bool = True, dsa_strategy: str = STRATEGY, zca: bool = False,
+                  waypoints: Sequence[int] = (),
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print, batch_experts: int = 1) -> Path:
@@ -51,6 +52,10 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     (up to float rounding). Networks with batch norm are trained one by one regardless.
     """
     out = Path(out)
+    try:
+        strategy_operations(dsa_strategy)
+    except ValueError as exc:
+        raise TrajstoreError(f"dsa_strategy: {exc}") from None
     if num_experts < 1 or epochs < 1 or batch_experts < 1:
         raise TrajstoreError(f"need at least one expert, one epoch and batch_experts >= 1 (got {num_experts}, "
                              f"{epochs}, {batch_experts})")
@@ -59,7 +64,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     config = config_for(model, ds.channel, ds.num_classes, ds.im_size)
     architecture = {"name": model, **config.to_json()}
     training = {**ds.meta(), "epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
-                "weight_decay": weight_decay, "optimizer": "SGD", "dsa": dsa, "dsa_strategy": STRATEGY if dsa else None,
+                "weight_decay": weight_decay, "optimizer": "SGD", "dsa": dsa,
+                "dsa_strategy": dsa_strategy if dsa else None,
                 "seed": seed, "num_train": len(ds.train_labels)}
     _check_resumable(out, architecture, training)
     train = ds.train_images.to(dev), ds.train_labels.to(dev)
@@ -80,7 +86,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
         say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev})")
         with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not progress) as bar:
             group_args = dict(train=train, test=test, seed=seed, dev=dev, lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, epochs=epochs)
+                              weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy,
+                              epochs=epochs)
             for first in range(0, len(todo) if stacked else 0, batch_experts):
                 _train_together(todo[first:first + batch_experts], lambda: build_spec(config), w, twin, say, bar,
                                 **group_args)
@@ -90,7 +97,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                     torch.manual_seed(s)
                     net = build_spec(config).to(dev)
                 generator = torch.Generator().manual_seed(s)
-                augment = seeded_dsa(generator) if dsa else None
+                augment = seeded_dsa(generator, dsa_strategy) if dsa else None
                 optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
                 # Accuracies are known only at the end; the writer publishes this dict when the expert closes.
                 record = {"seed": s, "device": str(dev), "train_acc": [], "test_acc": [], "train_loss": []}
@@ -120,7 +127,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
 
 def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w, twin: "_LegacyTwin | None",
                     say: Callable[[str], None], bar, *, train, test, seed: int, dev: torch.device, lr: float,
-                    momentum: float, weight_decay: float, batch_size: int, dsa: bool, epochs: int) -> None:
+                    momentum: float, weight_decay: float, batch_size: int, dsa: bool, dsa_strategy: str,
+                    epochs: int) -> None:
     """Experts `group` trained at once, each as `train_experts` trains one alone, then published in order."""
     group = list(group)
     seeds = [derived_seed(seed, index) for index in group]
@@ -130,7 +138,7 @@ def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w
             torch.manual_seed(s)
             nets.append(make_net().to(dev))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    augments = [seeded_dsa(g) for g in generators] if dsa else None
+    augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
     stack = NetStack(nets)
     del nets
     optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
