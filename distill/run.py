@@ -456,7 +456,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
             f"{ds.name} {ds.channel}x{ds.im_size[0]}x{ds.im_size[1]}, {setup.model}, ipc {config.ipc}, "
             f"{config.iterations} iterations on {device}")
     metrics = open(out / METRICS, "ab")
-    sink = loggers.open_logger(logger, out, config.to_json())
+    history = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if logger else []
+    sink = loggers.open_logger(logger, out, config.to_json(), history)
 
     def checkpoint() -> None:
         metrics.flush()
