@@ -36,7 +36,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
                   epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
                   weight_decay: float = 0.0, dsa: bool = True, dsa_strategy: str = STRATEGY, zca: bool = False,
-                  waypoints: Sequence[int] = (),
+                  waypoints: Sequence[int] = (), smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print, batch_experts: int = 1) -> Path:
@@ -50,6 +50,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     batch_experts > 1 trains that many experts at once as one stacked network (`batched.NetStack`):
     each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
     (up to float rounding). Networks with batch norm are trained one by one regardless.
+    `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
     """
     out = Path(out)
     try:
@@ -78,7 +79,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
         layers = trajstore.layer_table(build_spec(config))
         stacked = batch_experts > 1 and stackable(build_spec(config))
-    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
+    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
+                          architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         finished = w.existing_experts()
         todo = [i for i in range(num_experts) if i not in set(finished)]
