@@ -135,33 +135,47 @@ def test_experts_trained_together_are_the_experts_trained_alone(tmp_path, digits
 
 # -- the matching step -----------------------------------------------------------------------------
 
-import copy  # noqa: E402
-
 from trajstore.distill.augment import dsa  # noqa: E402
 from trajstore.distill.matching import MatchConfig, Matcher, SyntheticSet, match_loss, plan_unroll  # noqa: E402
 from trajstore.distill.networks import FunctionalNet  # noqa: E402
 from trajstore.distill.sources import ConvexifiedSource  # noqa: E402
 
 
-def test_a_matching_step_is_sgd_on_the_full_backward_gradient(tmp_path, digits16):
+class _Recording:
+    """A trajectory source that keeps the last (start, target, info) it handed out."""
+
+    def __init__(self, source):
+        self.source, self.last = source, None
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def sample(self, *args, **kwargs):
+        self.last = self.source.sample(*args, **kwargs)
+        return self.last
+
+
+def test_a_matching_step_is_sgd_on_the_full_backward_gradient(tmp_path, digits16, monkeypatch):
+    import trajstore.distill.matching as matching
+
     net = _fresh(0).double()
     layers = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
     path = write_store(tmp_path / "m.ctraj", [random_walk(layers, seed=s) for s in range(2)], layers=layers,
                        waypoints=(4,))
-    source = ConvexifiedSource(trajstore.open(path))
+    source = _Recording(ConvexifiedSource(trajstore.open(path)))
+    plans = []
+    monkeypatch.setattr(matching, "plan_unroll", lambda *a, **k: plans.append(plan_unroll(*a, **k)) or plans[-1])
     rng = np.random.default_rng(3)
     syn = SyntheticSet.from_real(digits16.train_images, digits16.train_labels, 1, 0.01, rng=rng, dtype=torch.float64)
     config = MatchConfig(syn_steps=3, expert_epochs=2, max_start_epoch=5, lr_img=100.0, lr_lr=1e-3)
     before_images, before_lr = syn.images.detach().clone(), syn.syn_lr.detach().clone()
-    replay = copy.deepcopy(rng)
     Matcher(source, syn, FunctionalNet(net), config, rng=rng, augment=dsa).step()
     # The reference: the same draws, loss.backward() through everything, one SGD step by hand
     # (momentum starts at zero, so the first step is lr * gradient).
     images = before_images.clone().requires_grad_(True)
     lr = before_lr.clone().requires_grad_(True)
-    start, target, _ = source.sample(replay, 5, 2, device="cpu", dtype=torch.float64)
-    plan = plan_unroll(replay, len(images), len(images), 3)
-    match_loss(FunctionalNet(net), images, syn.labels, lr, start, target, plan, augment=dsa).backward()
+    start, target, _ = source.last
+    match_loss(FunctionalNet(net), images, syn.labels, lr, start, target, plans[-1], augment=dsa).backward()
     torch.testing.assert_close(syn.images.detach(), before_images - 100.0 * images.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(syn.syn_lr.detach(), before_lr - 1e-3 * lr.grad, rtol=1e-10, atol=1e-14)
     assert images.grad.abs().max() > 0
