@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import trajstore
 from trajstore.stores import atomic
+from trajstore.stores.location import Location, locate, open_store
 from trajstore.errors import FormatError, TrajstoreError
 from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
@@ -37,7 +38,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   dsa: bool = True, zca: bool = False, waypoints: Sequence[int] = (),
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
-                  log: Callable[[str], object] = print) -> Path:
+                  log: Callable[[str], object] = print, storage_options: dict | None = None) -> Path | str:
     """Train experts 0..num_experts-1 with SGD (the family's defaults) into the .ctraj `out`.
 
     Experts already complete in `out` are kept and skipped; the settings must match those the store
@@ -46,7 +47,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
     """
-    out = Path(out)
+    location = locate(out, storage_options)  # a path or any fsspec URL (s3://bucket/experts.ctraj)
+    out = location.path if location.path is not None else location.url
     if num_experts < 1 or epochs < 1:
         raise TrajstoreError(f"need at least one expert and one epoch (got {num_experts}, {epochs})")
     dev = resolve_device(device)
@@ -56,7 +58,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     training = {**ds.meta(), "epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
                 "optimizer": "SGD", "dsa": dsa, "dsa_strategy": STRATEGY if dsa else None, "seed": seed,
                 "num_train": len(ds.train_labels)}
-    _check_resumable(out, architecture, training)
+    _check_resumable(location, architecture, training)
     train = ds.train_images.to(dev), ds.train_labels.to(dev)
     test = ds.test_images.to(dev), ds.test_labels.to(dev)
 
@@ -66,7 +68,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
         layers = trajstore.layer_table(ConvNet(config))
-    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
+    with trajstore.create(location, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         finished = w.existing_experts()
         todo = [i for i in range(num_experts) if i not in set(finished)]
@@ -107,21 +109,21 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     return out
 
 
-def _check_resumable(out: Path, architecture: dict, training: dict) -> None:
+def _check_resumable(out: Location, architecture: dict, training: dict) -> None:
     """Refuse to append experts trained differently from those already in `out`."""
     if not out.exists():
         return
-    meta_path = out / ROOT_META
-    if not meta_path.is_file():
-        raise FormatError("exists but is not a .ctraj directory (no zarr.json); choose another output", out)
-    existing = StoreMeta.decode(meta_path.read_bytes(), meta_path)
+    store = open_store(out, mode="w")
+    if not store.exists(ROOT_META):
+        raise FormatError("exists but is not a .ctraj directory (no zarr.json); choose another output", out.url)
+    existing = StoreMeta.decode(store.read_bytes(ROOT_META), store.describe(ROOT_META))
     diffs = [f"{k}: {existing.training.get(k)!r} there, {v!r} now" for k, v in training.items()
              if existing.training.get(k) != v]
     if existing.architecture != architecture:
         diffs.append(f"architecture: {existing.architecture!r} there, {architecture!r} now")
     if diffs:
         raise TrajstoreError("cannot continue this store with other settings (" + "; ".join(diffs)
-                             + "); use the same options or another output", out)
+                             + "); use the same options or another output", out.url)
 
 
 def _buffer_path(directory: Path, n: int) -> Path:
@@ -172,11 +174,12 @@ class _LegacyTwin:
             tmp.unlink(missing_ok=True)
 
 
-def plot_accuracy(ctraj: str | os.PathLike, png: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def plot_accuracy(ctraj: str | os.PathLike, png: str | os.PathLike, *, overwrite: bool = False,
+                  storage_options: dict | None = None) -> Path:
     """Test accuracy per epoch of every expert in a .ctraj written by `train_experts`, as a PNG."""
     from matplotlib.figure import Figure
 
-    store = trajstore.open(ctraj)
+    store = trajstore.open(ctraj, storage_options=storage_options)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for expert in store:

@@ -205,46 +205,51 @@ def load_result(out_dir: str | os.PathLike) -> DistillResult:
         raise FormatError(f"not a distillation result ({type(exc).__name__}: {exc})", path) from None
 
 
-def method_for(path: str | os.PathLike, method: str | None = None) -> str:
+def method_for(path: str | os.PathLike, method: str | None = None, storage_options: dict | None = None) -> str:
     """`method`, or the one the source at `path` calls for: mct for a .ctraj, mtt for anything else."""
     from trajstore.tools.inspect import kind_of
 
-    return method or ("mct" if kind_of(path) == "ctraj" else "mtt")
+    return method or ("mct" if kind_of(path, storage_options) == "ctraj" else "mtt")
 
 
-def open_experts(path: str | os.PathLike, method: str | None = None, *, model: str | None = None) -> Experts:
+def open_experts(path: str | os.PathLike, method: str | None = None, *, model: str | None = None,
+                 storage_options: dict | None = None) -> Experts:
     """The trajectory source at `path`: a .ctraj for MCT, a legacy buffer or packed archive for MTT.
 
     `method` None picks by what the path is (see `method_for`). `model` names a legacy buffer's tensors
     (they carry no names; by default they are inferred from their shapes).
     """
+    from trajstore.stores.location import locate
     from trajstore.tools.convert import open_source
     from trajstore.tools.inspect import kind_of
 
-    path = Path(path)
-    if not path.exists():
+    location = locate(path, storage_options)  # a path or any fsspec URL
+    path = location.path if location.path is not None else location.url
+    if not location.exists():
         raise FormatError("no such .ctraj, legacy buffer or archive", path)
-    kind = kind_of(path)
-    method = method_for(path, method)
+    kind = kind_of(location)
+    method = method_for(location, method)
     if method == "mct":
         if kind != "ctraj":
             raise TrajstoreError(f"MCT distills from a .ctraj but this is a {kind} buffer: convert it first "
                                  f"(`trajstore convert {path} OUT.ctraj`) or use --method mtt", path)
-        store = trajstore.open(path)
+        store = trajstore.open(location)
         return Experts(ConvexifiedSource(store), method, path, dict(store.training), store.architecture,
                        store.layers, store.nbytes)
     if kind == "ctraj":
         raise TrajstoreError("classic MTT reads the stored epochs of a legacy buffer or packed archive, but "
                              "this is a .ctraj (convexified): use --method mct", path)
-    buffer = open_source(path, architecture=model)
+    buffer = open_source(location, architecture=model)
     return Experts(LegacySource(buffer, path), method, path, dict(buffer.training or {}), buffer.architecture,
                    buffer.layers, buffer.nbytes)
 
 
-def default_out_dir(config: DistillConfig) -> Path:
+def default_out_dir(config: DistillConfig, storage_options: dict | None = None) -> Path:
     """`<source name>-<method>-ipc<ipc>` in the working directory."""
-    source = Path(config.source.rstrip("/\\"))
-    return Path(f"{source.stem}-{method_for(source, config.method)}-ipc{config.ipc}")
+    from trajstore.stores.location import locate
+
+    source = locate(config.source.rstrip("/\\"), storage_options)
+    return Path(f"{Path(source.name).stem}-{method_for(source, config.method)}-ipc{config.ipc}")
 
 
 def _dataset_key(name: str) -> str:
@@ -260,9 +265,9 @@ class _Setup:
     lr_teacher: float
 
 
-def _setup(config: DistillConfig) -> _Setup:
+def _setup(config: DistillConfig, storage_options: dict | None = None) -> _Setup:
     """Open the experts, settle what the metadata decides, load the data; refuse inconsistencies."""
-    experts = open_experts(config.source, config.method, model=config.model)
+    experts = open_experts(config.source, config.method, model=config.model, storage_options=storage_options)
     training, arch = experts.training, experts.architecture or {}
     zca = bool(training.get("zca", False)) if config.zca is None else config.zca
     check_zca(training, zca, experts.path)
@@ -387,15 +392,17 @@ def plot_accuracy(runs: dict[str, list[dict]], png: str | os.PathLike, *, title:
 
 
 def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool = True, overwrite: bool = False,
-            progress: bool = True, log: Callable[[str], object] = print) -> DistillResult:
+            progress: bool = True, log: Callable[[str], object] = print,
+            storage_options: dict | None = None) -> DistillResult:
     """Run (or resume) the distillation `config` describes, writing the folder described above.
+    `storage_options` go to the fsspec filesystem of a source given as a URL (never recorded).
 
     An unfinished run in `out_dir` is resumed when `resume` (same settings required); a finished one
     is replaced only with `overwrite`.
     """
     began = time.perf_counter()
     out = Path(out_dir)
-    setup = _setup(config)
+    setup = _setup(config, storage_options)
     experts, ds = setup.experts, setup.dataset
     _check_windows(config, experts.source)
     resuming = _prepare_out_dir(out, config, resume=resume, overwrite=overwrite)

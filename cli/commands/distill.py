@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
+from trajstore.cli.options import storage_option
 
 
 def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -53,12 +54,14 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--out", type=click.Path(), help="Output folder [<SOURCE name>-<method>-ipc<ipc>].")
 @click.option("--force", is_flag=True, help="Replace a finished (or unfinished) run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-evaluation lines.")
-def distill_command(source, preset, out, force, quiet, **settings):
+@storage_option
+def distill_command(source, preset, out, force, quiet, storage_options, **settings):
     """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run."""
     from trajstore.distill.run import DistillConfig, default_out_dir, distill
 
     config = DistillConfig.from_preset(source, preset, **settings)
-    out = out or default_out_dir(config)
-    result = distill(config, out, overwrite=force, progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    out = out or default_out_dir(config, storage_options)
+    result = distill(config, out, overwrite=force, progress=not quiet, log=(lambda _: None) if quiet else click.echo,
+                     storage_options=storage_options)
     click.echo(f"final set: {result.final_path} (test accuracy {result.final})")
     click.echo(f"best set:  {result.best_path} (test accuracy {result.best}, iteration {result.best_iteration})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import epoch_list
+from trajstore.cli.options import epoch_list, storage_option
 
 
 @cli.command("experts")
@@ -28,15 +28,17 @@ from trajstore.cli.options import epoch_list
 @click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
+@storage_option
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, waypoints, zca,
-                    dsa, legacy_dir, seed, device, plot, force, quiet):
+                    dsa, legacy_dir, seed, device, plot, force, quiet, storage_options):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job."""
     from trajstore.distill.experts import plot_accuracy, train_experts
 
     path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
                          epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca,
                          waypoints=waypoints, legacy_dir=legacy_dir, seed=seed, device=device,
-                         progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+                         progress=not quiet, log=(lambda _: None) if quiet else click.echo,
+                         storage_options=storage_options)
     click.echo(f"wrote {path}")
     if plot:
-        click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force)}")
+        click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force, storage_options=storage_options)}")

@@ -9,7 +9,6 @@ integers in chunks of (1, stride, numel).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -19,11 +18,13 @@ import torch
 from ..errors import ChecksumError, FormatError, VersionError
 from ..format.layers import Layer
 from ..legacy.buffer import LegacyBuffer
+from ..stores.base import ROOT_KEY
+from ..stores.location import ARCHIVE_ATTRIBUTE, locate, open_store
 from . import codec  # noqa: F401  (registers the XOR filter with zarr before any array is opened)
 
 FORMAT = "ctraj-archive"
 VERSION = 1
-ATTRIBUTE = "trajstore_archive"
+ATTRIBUTE = ARCHIVE_ATTRIBUTE
 PARAMS = "params"
 BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -33,19 +34,9 @@ def array_name(index: int) -> str:
     return f"{PARAMS}/{index:03d}"
 
 
-def _root_meta(path: Path) -> dict | None:
-    try:
-        doc = json.loads((path / "zarr.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    attrs = doc.get("attributes") if isinstance(doc, dict) else None
-    return attrs.get(ATTRIBUTE) if isinstance(attrs, dict) else None
-
-
-def is_archive(path: str | os.PathLike) -> bool:
-    """True for a directory whose root zarr.json carries the archive attribute."""
-    p = Path(path)
-    return p.is_dir() and _root_meta(p) is not None
+def is_archive(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """True for a directory (local or at a URL) whose root zarr.json carries the archive attribute."""
+    return locate(path, storage_options).kind == "archive"
 
 
 def trajectory_sha256(steps) -> str:
@@ -63,16 +54,18 @@ class ArchiveBuffer(LegacyBuffer):
 
     kind = "archive"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, storage_options: dict | None = None):
         import zarr
-        from zarr.storage import LocalStore
 
-        self.path = Path(path)
-        meta = _root_meta(self.path)
+        location = locate(path, storage_options)
+        self.path = location.path if location.path is not None else location.url  # Path, or a URL
+        self._name = location.name
+        meta = location.archive_attributes() if location.is_dir() else None
         if meta is None:
             raise FormatError("not a trajstore archive (no trajstore_archive attribute in zarr.json)", self.path)
+        self._files = open_store(location)
         if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
-            raise FormatError("malformed archive metadata", self.path / "zarr.json")
+            raise FormatError("malformed archive metadata", self._files.describe(ROOT_KEY))
         if meta["version"] > VERSION:
             raise VersionError(f"written by archive version {meta['version']}; this trajstore reads up to "
                                f"{VERSION} (upgrade trajstore)", self.path)
@@ -83,14 +76,15 @@ class ArchiveBuffer(LegacyBuffer):
             self.stride = int(meta["stride"])
             self._source = dict(meta["source"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"malformed archive metadata ({exc})", self.path / "zarr.json") from None
-        super().__init__([self.path], [len(self._experts)], num_timesteps, layers, meta.get("architecture"))
-        self.path = Path(path)
+            raise FormatError(f"malformed archive metadata ({exc})", self._files.describe(ROOT_KEY)) from None
+        path = self.path
+        super().__init__([Path(location.name)], [len(self._experts)], num_timesteps, layers, meta.get("architecture"))
+        self.path = path
         self.training = dict(meta.get("training") or {})
-        self._store = LocalStore(self.path, read_only=True)
+        self._store = self._files.zarr_store()
         self._arrays = []
         for index, layer in enumerate(layers):
-            where = self.path / array_name(index)
+            where = self._files.describe(array_name(index))
             try:
                 arr = zarr.open_array(store=self._store, path=array_name(index), mode="r")
             except Exception as exc:  # zarr reports missing or corrupt metadata with many types
@@ -107,7 +101,7 @@ class ArchiveBuffer(LegacyBuffer):
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self._files.total_bytes()
 
     @property
     def source(self) -> dict:
@@ -123,14 +117,14 @@ class ArchiveBuffer(LegacyBuffer):
     def source_of(self, i: int) -> dict:
         f, j = self.locate(i)
         entry = self._experts[j]
-        return {"archive": self.path.name, "file": entry.get("file"), "index": entry.get("index")}
+        return {"archive": self._name, "file": entry.get("file"), "index": entry.get("index")}
 
     def _read(self, index: int, selection) -> np.ndarray:
         try:
             return self._arrays[index][selection]
         except Exception as exc:  # a corrupt chunk fails its CRC32C or zstd with assorted types
             raise ChecksumError(f"cannot decode layer {self.layers[index].name!r} ({type(exc).__name__}: {exc}); "
-                                "the archive is corrupt", self.path / array_name(index)) from None
+                                "the archive is corrupt", self._files.describe(array_name(index))) from None
 
     def _tensor(self, bits: np.ndarray, layer: Layer) -> torch.Tensor:
         signed = bits.view(bits.dtype.str.replace("u", "i"))
@@ -159,6 +153,6 @@ class ArchiveBuffer(LegacyBuffer):
             self.check(i, steps)
 
 
-def open_archive(path: str | os.PathLike) -> ArchiveBuffer:
-    """Open a packed archive for reading, with the interface of `trajstore.legacy.open_buffer`."""
-    return ArchiveBuffer(path)
+def open_archive(path: str | os.PathLike, storage_options: dict | None = None) -> ArchiveBuffer:
+    """Open a packed archive (a path or URL) for reading, with the interface of `trajstore.legacy.open_buffer`."""
+    return ArchiveBuffer(path, storage_options)

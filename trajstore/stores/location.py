@@ -87,6 +87,7 @@ class Location:
         if self.path is not None:
             return self.path.exists() or self.path.is_symlink()
         try:
+            self.fs.invalidate_cache(self.fs_path)  # others write here too: ask the backend
             return self.fs.exists(self.fs_path)
         except Exception as exc:  # network and permission failures come in many types
             raise FormatError(f"cannot reach ({type(exc).__name__}: {exc})", self.url) from None
@@ -112,6 +113,11 @@ class Location:
             return {}
         attrs = doc.get("attributes") if isinstance(doc, dict) else None
         return attrs if isinstance(attrs, dict) else {}
+
+    def archive_attributes(self) -> dict | None:
+        """The root's archive attribute (a packed archive), or None."""
+        value = self._root_attributes().get(ARCHIVE_ATTRIBUTE)
+        return value if isinstance(value, dict) else None
 
     def _head(self, n: int) -> bytes:
         if self.path is not None:

@@ -40,9 +40,16 @@ class FsspecStore(Store):
             return FormatError("file is missing", self.describe(key))
         return FormatError(f"{what} ({type(exc).__name__}: {exc})", self.describe(key))
 
+    def _fresh(self, key: str) -> str:
+        """The path of key, with fsspec's listing cache for it dropped: other processes and machines
+        write this store, so existence and listings are always asked of the backend."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, key: str) -> bool:
         try:
-            return self.fs.isfile(self._path(key))
+            return self.fs.isfile(self._fresh(key))
         except Exception as exc:  # network and permission failures come in many types
             raise self._error(exc, key) from None
 
@@ -67,7 +74,7 @@ class FsspecStore(Store):
 
     def listdir(self, prefix: str) -> list[str]:
         try:
-            entries = self.fs.ls(self._path(prefix), detail=False)
+            entries = self.fs.ls(self._fresh(prefix), detail=False)
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -76,7 +83,7 @@ class FsspecStore(Store):
 
     def _find(self, prefix: str, **kwargs) -> dict[str, dict]:
         try:
-            found = self.fs.find(self._path(prefix), detail=True, **kwargs)
+            found = self.fs.find(self._fresh(prefix), detail=True, **kwargs)
         except FileNotFoundError:
             return {}
         except Exception as exc:
@@ -104,7 +111,7 @@ class FsspecStore(Store):
 
     def present(self) -> bool:
         try:
-            return self.fs.exists(self.root)
+            return self.fs.exists(self._fresh(""))
         except Exception as exc:
             raise self._error(exc, "", "cannot reach") from None
 
@@ -134,6 +141,9 @@ class FsspecStore(Store):
 
     def delete(self, prefix: str) -> None:
         self._writable()
+        if not prefix and self.fs.isfile(self.root):  # a single-file .ctraj at this URL
+            self.fs.rm_file(self.root)
+            return
         keys = sorted(self._find(prefix)) if prefix == "" or not self.exists(prefix) else [prefix]
         # the root metadata first: from then on nothing here opens as a store
         keys.sort(key=lambda k: k != ROOT_KEY)
@@ -144,6 +154,18 @@ class FsspecStore(Store):
                 pass
             except Exception as exc:
                 raise TrajstoreError(f"cannot delete ({type(exc).__name__}: {exc})", self.describe(key)) from None
+
+    def zarr_store(self, read_only: bool = True):
+        from zarr.storage import FsspecStore as ZarrFsspecStore
+
+        fs = self.fs
+        if getattr(fs, "async_impl", False):  # zarr runs its own event loop: a fresh async instance
+            fs = type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
+        else:  # zarr's fsspec store speaks asyncio
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+        return ZarrFsspecStore(fs, read_only=read_only, path=self.root)
 
     def stage(self, final: str) -> str:
         return final  # no rename: files go straight to their keys; the manifest, last, publishes

@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 from ..progress import progress_bar
-from ..stores import atomic
-from ..archive import is_archive, open_archive
+from ..archive import open_archive
+from ..stores.location import locate, open_store
 from ..format.beta import anchor_epochs_with
 from ..errors import ExistsError, InvalidTensorError
 from ..legacy import LegacyBuffer, open_buffer
@@ -35,43 +35,48 @@ class ConvertReport(WriteReport):
                 f"source's {self.source_bytes:,} bytes")
 
 
-def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None = None) -> LegacyBuffer:
-    """Full trajectories from a legacy buffer or a packed archive, behind the LegacyBuffer interface."""
-    if is_archive(src):
-        return open_archive(src)
-    return open_buffer(src, architecture=architecture, kind=kind)
+def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None = None,
+                storage_options: dict | None = None) -> LegacyBuffer:
+    """Full trajectories from a legacy buffer (a local path) or a packed archive (a path or URL),
+    behind the LegacyBuffer interface."""
+    location = locate(src, storage_options)
+    if location.kind == "archive":
+        return open_archive(location)
+    return open_buffer(location.local("reading a legacy buffer"), architecture=architecture, kind=kind)
 
 
 @single_threaded()
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequence[int] = (),
             smoothing: str | None = None, single_file: bool = False, overwrite: bool = False,
             architecture=None, progress: bool = True, kind: str | None = None,
-            training: dict | None = None) -> ConvertReport:
+            training: dict | None = None, storage_options: dict | None = None) -> ConvertReport:
     """Convexify every expert of `src` into a new .ctraj at `out`.
 
     Anchors are epochs 0 and K plus `waypoints` (MCT uses 6, 25 for CIFAR-10); an MCT waypoint store
     keeps its own waypoints unless others are given. `smoothing="mct"` smooths inner and end anchors
     as the official MCT code does. `architecture` names the tensors (see `trajstore.legacy.open_buffer`);
-    `training` is merged over what the buffer's directory name says (dataset, ZCA).
+    `training` is merged over what the buffer's directory name says (dataset, ZCA). `src` (an
+    archive) and `out` may be URLs; `storage_options` go to their fsspec filesystems.
     """
-    if Path(out).exists() and not overwrite:  # before scanning and hashing the whole source
-        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
-    source = open_source(src, architecture=architecture, kind=kind)
+    target = locate(out, storage_options)
+    if target.exists() and not overwrite:  # before scanning and hashing the whole source
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
+    source = open_source(src, architecture=architecture, kind=kind, storage_options=storage_options)
     if waypoints:
         anchors = anchor_epochs_with(waypoints, source.num_timesteps)
     else:
         anchors = source.anchor_epochs or (0, source.num_timesteps - 1)
     info = {"epochs": source.num_timesteps - 1, **source.training, **(training or {})}
     provenance = {
-        "converted_from": str(Path(src).resolve()),
+        "converted_from": str(source.path.resolve()) if isinstance(source.path, Path) else str(source.path),
         "source_kind": source.kind,
         "sources": source.source_files(),
     }
-    fresh = not Path(out).exists()
+    fresh = not target.exists()
     try:
-        with create(out, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
+        with create(target, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
-                    single_file=single_file, overwrite=overwrite) as writer:
+                    single_file=single_file, overwrite=overwrite, storage_options=storage_options) as writer:
             for i in progress_bar(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
                 origin = source.source_of(i)
                 try:
@@ -81,9 +86,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
                                              source.file_of(i)) from None
     except BaseException:
         if fresh:  # a conversion is not resumable: leave nothing half-written behind
-            atomic.remove(Path(out))
+            open_store(target, mode="w").delete("")
         raise
-    store = open_ctraj(out)
-    return ConvertReport(out=Path(out), experts=store.num_experts, num_timesteps=store.num_timesteps,
+    store = open_ctraj(target)
+    return ConvertReport(out=store.path, experts=store.num_experts, num_timesteps=store.num_timesteps,
                          anchor_epochs=store.anchor_epochs, bytes_written=store.nbytes,
                          source_bytes=source.nbytes)

@@ -55,7 +55,7 @@ def write_buffer_dir(out_dir: Path, files: Iterable[tuple[str, list]], *, overwr
 
 @single_threaded()
 def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int = 10,
-               overwrite: bool = False, progress: bool = True) -> list[Path]:
+               overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> list[Path]:
     """Write the MTT buffer files of every expert of `ctraj_path` into `out_dir`; returns the files.
 
     An existing non-empty directory is replaced only with `overwrite`. One output file (per_file
@@ -63,7 +63,7 @@ def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per
     """
     if per_file < 1:
         raise TrajstoreError(f"per_file must be at least 1, got {per_file}")
-    store = open_ctraj(ctraj_path)
+    store = open_ctraj(ctraj_path, storage_options=storage_options)
     # float32 stores are read zero-copy; others are cast, since MTT buffers hold float32
     dtype = None if all(layer.dtype == "F32" for layer in store.layers) else torch.float32
 

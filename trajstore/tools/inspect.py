@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..stores import atomic
-from ..archive import is_archive
+from ..stores.location import locate
 from .convert import open_source
 from ..errors import ExistsError, TrajstoreError
 from ..format.layers import Layer
-from ..format.layout import ROOT_META
 from ..legacy.sizes import mtt_buffer_nbytes
 from ..format.reader import CTraj
 from ..format.reader import open as open_ctraj
@@ -22,17 +20,11 @@ from ..format.reader import open as open_ctraj
 MTT_DTYPE = torch.float32  # what MTT buffers (and export_mtt) hold, whatever the store's dtype
 
 
-def kind_of(path: str | os.PathLike) -> str:
-    """"ctraj", "archive" or "legacy" (anything else is left to the legacy reader to refuse)."""
-    p = Path(path)
-    if is_archive(p):
-        return "archive"
-    if p.is_dir():
-        return "ctraj" if (p / ROOT_META).is_file() else "legacy"
-    if p.is_file() and zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as zf:  # torch files are zips too; a .ctraj has a root zarr.json
-            return "ctraj" if ROOT_META in zf.namelist() else "legacy"
-    return "legacy"
+def kind_of(path: str | os.PathLike, storage_options: dict | None = None) -> str:
+    """"ctraj", "archive" or "legacy" (anything else is left to the legacy reader to refuse); the
+    decision is trajstore.stores.location's, for paths and URLs alike."""
+    kind = locate(path, storage_options).kind
+    return "legacy" if kind == "missing" else kind
 
 
 def mtt_nbytes(layers, num_timesteps: int, num_experts: int, per_file: int = 10) -> int:
@@ -53,16 +45,17 @@ def _layer_rows(layers) -> list[dict]:
             for layer in layers]
 
 
-def summary(path: str | os.PathLike) -> dict:
+def summary(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
     """One JSON-ready dict: num_experts, num_timesteps, anchors, layers [{name, shape, count, dtype}],
     bytes (on disk), legacy_bytes (the same experts as MTT .pt files, see `mtt_nbytes`), ratio, and
     what the store records about architecture and training."""
-    kind = kind_of(path)
+    location = locate(path, storage_options)
+    kind = kind_of(location)
     if kind == "ctraj":
-        held = open_ctraj(path)
+        held = open_ctraj(location)
         out = {"kind": kind, "anchors": list(held.anchor_epochs), "smoothing": held.smoothing}
     else:
-        held = open_source(path)  # a legacy buffer stores every epoch (MCT's waypoint stores: waypoints)
+        held = open_source(location)  # a legacy buffer stores every epoch (MCT's waypoint stores: waypoints)
         out = {"kind": kind if kind == "archive" else f"legacy {held.kind}", "files": len(held.files),
                "anchors": list(held.anchor_epochs or range(held.num_timesteps))}
     out.update({"path": str(path), "num_experts": held.num_experts, "num_timesteps": held.num_timesteps,
@@ -73,15 +66,16 @@ def summary(path: str | os.PathLike) -> dict:
     return out
 
 
-def verify(path: str | os.PathLike) -> dict:
+def verify(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
     """Re-check structure and every checksum (a .ctraj or an archive) or every trajectory (a legacy
     buffer); raises the first problem as a trajstore error, else returns what was checked."""
-    kind = kind_of(path)
+    location = locate(path, storage_options)
+    kind = kind_of(location)
     if kind == "ctraj":
-        store = open_ctraj(path)
+        store = open_ctraj(location)
         store.verify()
         return {"kind": kind, "path": str(path), "num_experts": store.num_experts}
-    source = open_source(path)
+    source = open_source(location)
     source.verify()
     return {"kind": kind if kind == "archive" else f"legacy {source.kind}", "path": str(path),
             "num_experts": source.num_experts}
