@@ -37,8 +37,10 @@ def _human(s: dict) -> str:
 def inspect_command(path, as_json, plot, force, storage_options):
     """Experts, timesteps, anchors, layer table and bytes on disk against the equivalent MTT buffer."""
     import trajstore
-    from trajstore.tools.inspect import plot_betas, summary
+    from trajstore.tools.inspect import check_plottable, plot_betas, summary
 
+    if plot:
+        check_plottable(path, storage_options)  # refuse before printing, not after
     s = summary(path, storage_options)
     click.echo(json.dumps(s, indent=2) if as_json else _human(s))
     if plot:

@@ -9,7 +9,7 @@ from trajstore.cli.options import SOURCE, storage_option
 
 
 @cli.command("pack")
-@click.argument("src", type=click.Path(exists=True))
+@click.argument("src", type=SOURCE)
 @click.argument("out", type=click.Path())
 @click.option("--arch", help="Architecture naming the tensors (default: inferred).")
 @click.option("--kind", help="Which buffer of a directory holding several.")
