@@ -129,8 +129,10 @@ def main(argv=None) -> Path:
         def warm():  # another process (or run) on the same machine: anchors come from the disk cache
             store = trajstore.open(url, storage_options=options, cache_dir=cache)
             sample_pairs(store, pairs=args.pairs, m=args.expert_epochs, max_start=args.max_start_epoch, seed=1)
+            holder["warm"] = store
 
         results["open_and_pairs_warm_cache"] = measured(warm)
+        results["anchors_fetched_warm_cache"] = holder["warm"]._disk_cache().fetched
 
         def mtt():  # distill.py: buffer = torch.load(expert_files[file_idx]); here through s3fs
             remote = fsspec.filesystem("s3", **options)
