@@ -200,14 +200,14 @@ def open_store(target, storage_options: dict | None = None, *, mode: str = "r") 
         return FsspecStore(loc.fs, loc.fs_path, loc.url)
     if mode != "r":
         raise TrajstoreError(f"mode must be 'r' or 'w', not {mode!r}")
-    if not loc.exists():
-        raise FormatError("no such .ctraj (neither a directory nor a file)", loc.url)
-    if loc.is_dir():
+    if loc.is_dir():  # first: on an object store one listing answers both questions
         if loc.path is not None:
             return DirectoryStore(loc.path)
         from .remote import FsspecStore
 
         return FsspecStore(loc.fs, loc.fs_path, loc.url)
+    if not loc.exists():
+        raise FormatError("no such .ctraj (neither a directory nor a file)", loc.url)
     try:
         magic = loc._head(4)
     except Exception as exc:

@@ -54,8 +54,8 @@ class FsspecStore(Store):
             raise self._error(exc, key) from None
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.fs.cat_file(self._path(key))
+        try:  # a range from 0 is one GET everywhere (s3fs sizes whole-object reads with a HEAD first)
+            return self.fs.cat_file(self._path(key), start=0)
         except Exception as exc:
             raise self._error(exc, key) from None
 
@@ -94,8 +94,8 @@ class FsspecStore(Store):
         return sorted(self._find(prefix))
 
     def groups_with(self, prefix: str, name: str) -> list[str]:
-        # one listing (a page per 1000 keys on S3) instead of a request per entry
-        keys = self._find(prefix, maxdepth=2)
+        # one flat listing (a page per 1000 keys on S3) instead of a request per entry or level
+        keys = self._find(prefix)
         head = f"{prefix}/" if prefix else ""
         return sorted(k[len(head):].split("/", 1)[0] for k in keys
                       if k.startswith(head) and k[len(head):].count("/") == 1 and k.endswith(f"/{name}"))
