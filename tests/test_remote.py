@@ -344,3 +344,14 @@ def test_https_is_read_only():
     store = open_store("https://example.invalid/x.ctraj", mode="w")
     with pytest.raises(trajstore.TrajstoreError, match="can only be read"):
         store.write_bytes("zarr.json", b"{}")
+
+
+def test_bad_urls_are_one_clear_error(run):
+    with pytest.raises(trajstore.FormatError, match="no such .ctraj"):
+        trajstore.open("memory://nothing-here/x.ctraj")
+    with pytest.raises(trajstore.TrajstoreError, match="cannot open this URL"):
+        trajstore.open("nosuchprotocol://bucket/x.ctraj")
+    bad = run("inspect", "memory://nothing-here/x.ctraj", ok=False)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output and "memory://nothing-here/x.ctraj" in bad.output
+    bad = run("convert", "memory://nothing-here/buffers", "memory://out/x.ctraj", ok=False)
+    assert bad.exit_code == 1 and "local files only" in bad.output
