@@ -311,6 +311,10 @@ def test_single_file_form_at_a_url(backend):
 def test_pack_unpack_and_distill_source_at_a_url(backend, legacy_buffer, tmp_path, run):
     directory, trajs = legacy_buffer
     url = backend.url("full.zarr")
+    if backend.name != "file":  # archives are read and written on local paths only (file:// is one)
+        refused = run("pack", directory, url, "--quiet", *backend.cli_options, ok=False)
+        assert refused.exit_code == 1 and "local paths" in refused.output and "Traceback" not in refused.output
+        return
     run("pack", directory, url, "--quiet", *backend.cli_options)
     assert "archive" in run("verify", url, *backend.cli_options).output
     run("unpack", url, tmp_path / "back", "--per-file", "5", "--quiet", *backend.cli_options)

@@ -12,14 +12,16 @@ import torch
 
 from ..progress import progress_bar
 from .. import __version__
-from ..stores.location import locate, open_store
-from ..errors import ExistsError, FormatError, TrajstoreError
+from ..stores import atomic
+from ..stores.location import locate
+from ..stores.overlap import check_separate
+from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
 from ..legacy import open_buffer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
-from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name,
-                    open_archive, trajectory_sha256)
+from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
+                    open_archive, seal_root, trajectory_sha256)
 from ..tools.reports import WriteReport
 from ..tools.threads import single_threaded
 
@@ -52,29 +54,28 @@ def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
 
 
 @single_threaded()
+@os_errors(arg="out")
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
          architecture=None, kind: str | None = None, storage_options: dict | None = None) -> PackReport:
-    """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out` (a path
-    or URL; `storage_options` go to its fsspec filesystem). A local archive is built beside `out` and
-    renamed into place; at a URL the root's archive attribute is written last, so an interrupted pack
-    never opens as an archive."""
+    """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
     import zarr
+    from zarr.storage import LocalStore
 
-    target = locate(out, storage_options)
-    if target.exists() and not overwrite:
-        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
-    src_location = locate(src)
-    if src_location.kind == "archive":
+    out = locate(out, storage_options).local("writing an archive")  # archives live on local paths
+    check_separate([src], out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
+    if is_archive(src):
         raise TrajstoreError("is already a packed archive", src)
-    source = open_buffer(src_location.local("reading a legacy buffer"), architecture=architecture, kind=kind)
+    source = open_buffer(src, architecture=architecture, kind=kind)
     if isinstance(source, MCTPairBuffer):
         raise FormatError(f"is an MCT waypoint store ({source.kind}), already compressed; convert it to a "
                           ".ctraj instead (packing keeps full trajectories)", src)
-    final = open_store(target, mode="w")
-    built = final.begin_build(replace=target.exists())
-    finished = False
+    check_separate(source.files, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic.temp_sibling(out, "build")
     try:
-        store = built.zarr_store(read_only=False)
+        store = LocalStore(tmp)
         root = zarr.open_group(store=store, mode="w")
         root.create_group("params")
         arrays = []
@@ -96,24 +97,23 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
             "num_timesteps": source.num_timesteps, "stride": min(STRIDE, source.num_timesteps),
             "layers": [layer.to_json() for layer in source.layers], "architecture": source.architecture,
             "training": source.training, "experts": experts,
-            "source": {"path": str(src_location.path.resolve()), "kind": source.kind, "bytes": source.nbytes,
+            "source": {"path": str(Path(src).resolve()), "kind": source.kind, "bytes": source.nbytes,
                        "files": [{**f, "trajectories": n} for f, n in zip(source.source_files(), source.file_counts)]},
             "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "tool": f"trajstore {__version__}"},
         }
-        built_location = target if built is final else locate(built.root)
-        open_archive(built_location)  # what was written must read back before it replaces anything
-        final.finish_build(built)
-        finished = True
+        seal_root(tmp, len(source.layers))
+        open_archive(tmp)  # what was written must read back before it replaces anything
+        atomic.publish_dir(tmp, out, overwrite=overwrite)
     finally:
-        if not finished:
-            final.abandon_build(built)
-    packed = open_archive(target)
-    return PackReport(out=packed.path, experts=packed.num_experts, num_timesteps=packed.num_timesteps,
+        atomic.remove(tmp)
+    packed = open_archive(out)
+    return PackReport(out=out, experts=packed.num_experts, num_timesteps=packed.num_timesteps,
                       bytes_written=packed.nbytes, source_bytes=source.nbytes)
 
 
 @single_threaded()
+@os_errors(arg="out_dir")
 def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
            overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> list[Path]:
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
@@ -121,7 +121,9 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
     bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
     from ..tools.export import write_buffer_dir
 
-    buf: ArchiveBuffer = open_archive(archive, storage_options)
+    archive = locate(archive, storage_options).local("reading an archive")
+    check_separate([archive], out_dir)
+    buf: ArchiveBuffer = open_archive(archive)
     if per_file is None:
         groups: dict[str, list[int]] = {}
         for i in range(buf.num_experts):
@@ -137,8 +139,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
         for name, experts in plan:
             trajectories = []
             for i in experts:
-                steps = buf.trajectory(i)
-                buf.check(i, steps)
+                steps = buf.trajectory(i)  # checked against the sha256 recorded when packing
                 trajectories.append([[t.clone() for t in step] for step in steps])  # a storage per tensor
                 bar.update()
             yield name, trajectories

@@ -161,7 +161,8 @@ class Location:
     def local(self, what: str) -> Path:
         """The local path, or one error saying `what` needs one."""
         if self.path is None:
-            raise TrajstoreError(f"{what} reads local files only; copy it to a local path first", self.url)
+            raise TrajstoreError(f"{what} works on local paths only (local files only); copy it to a local "
+                                 "path first", self.url)
         return self.path
 
 
