@@ -308,7 +308,7 @@ def test_single_file_form_at_a_url(backend):
         write_store(url, trajs, single_file=True, storage_options=backend.options)
 
 
-def test_pack_unpack_and_distill_source_at_a_url(backend, legacy_buffer, tmp_path, run):
+def test_pack_unpack_at_a_url(backend, legacy_buffer, tmp_path, run):
     directory, trajs = legacy_buffer
     url = backend.url("full.zarr")
     if backend.name != "file":  # archives are read and written on local paths only (file:// is one)
@@ -320,10 +320,6 @@ def test_pack_unpack_and_distill_source_at_a_url(backend, legacy_buffer, tmp_pat
     run("unpack", url, tmp_path / "back", "--per-file", "5", "--quiet", *backend.cli_options)
     restored = torch.load(tmp_path / "back" / "replay_buffer_0.pt", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(restored[3][7], trajs[3][7]))
-    from trajstore.distill.run import open_experts
-
-    experts = open_experts(url, storage_options=backend.options)
-    assert (experts.method, experts.source.num_experts) == ("mtt", 5)
 
 
 def test_parse_storage_options():
