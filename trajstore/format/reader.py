@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -21,6 +22,34 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 def _device(device) -> torch.device:
     return torch.device("cpu") if device is None else torch.device(device)
+
+
+# (significand bits, frexp exponent of the smallest normal) of each anchor dtype, to round a weight to it
+_PRECISION = {torch.float64: (53, -1021), torch.float32: (24, -125), torch.float16: (11, -13),
+              torch.bfloat16: (8, -125)}
+
+
+def _round_weight(w: float, dtype: torch.dtype) -> float:
+    """w (float64, in [0, 1]) rounded once to dtype, to nearest with ties to even (round() is exact here)."""
+    bits, emin = _PRECISION[dtype]
+    if w == 0.0:
+        return 0.0
+    scale = bits - max(math.frexp(w)[1], emin)
+    return math.ldexp(round(math.ldexp(w, scale)), -scale)
+
+
+def lerp(x: torch.Tensor, y: torch.Tensor, w: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """docs/format.md §7 step 4, bit for bit on every device: x + w*(y - x) for w < 0.5, else
+    y - (1 - w)*(y - x), each operation rounded to the tensor dtype, the factor rounded to it first.
+
+    Not torch.lerp: its fused multiply-add (and float32 arithmetic for 16-bit types) rounds once, so it
+    differs from a reader written from the spec in the last bit, and between CPU builds and CUDA.
+    Separate sub/mul/add kernels round after every operation on every backend.
+    """
+    out = torch.sub(y, x, out=out)
+    if w < 0.5:
+        return out.mul_(_round_weight(w, out.dtype)).add_(x)
+    return torch.sub(y, out.mul_(_round_weight(1.0 - w, out.dtype)), out=out)
 
 
 class Expert:
@@ -138,9 +167,9 @@ class Expert:
                 raise TrajstoreError(f"out must be a {a[0].dtype} vector of {self._s.num_params} values on "
                                      f"{a[0].device}", self._s.path)
             for ta, tb, w, o in zip(a, b, ws, out.split(self._s._numels)):
-                torch.lerp(ta, tb, w, out=o)
+                lerp(ta, tb, w, out=o)
             return out
-        return {layer.name: torch.lerp(ta, tb, w).view(layer.shape)
+        return {layer.name: lerp(ta, tb, w).view(layer.shape)
                 for layer, ta, tb, w in zip(self._s.layers, a, b, ws)}
 
     def window(self, c: float, m: float, flat: bool = False, device=None, dtype=None):
