@@ -27,7 +27,7 @@ from trajstore.archive import pack
 from trajstore.tools.convert import convert
 from trajstore.tools.inspect import mtt_nbytes
 
-# The MCT authors' measurement for 100 experts (legacy-buffers.md §4): (dataset, model, image size,
+# The MCT authors' measurement for 100 experts (docs/legacy-formats.md §4): (dataset, model, image size,
 # classes, the paper's inner waypoints, MTT bytes, their convexified bytes).
 PAPER = {
     "cifar10": ("ConvNet", 32, 10, (6, 25), 6_547_733_490, 532_881_660),

@@ -13,7 +13,7 @@ import trajstore
 
 
 def convnet_layers(width: int = 128, depth: int = 3, im_size: int = 32, num_classes: int = 10, channel: int = 3):
-    """The upstream ConvNet's parameter table (legacy-buffers.md §3) for the given variant."""
+    """The upstream ConvNet's parameter table (docs/legacy-formats.md §3) for the given variant."""
     layers, c = [], channel
     for d in range(depth):
         i = 4 * d

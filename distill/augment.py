@@ -22,7 +22,7 @@ STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 @dataclass(frozen=True)
 class DSAParams:
-    """Upstream's `ParamDiffAug` values (reference §6)."""
+    """Upstream's `ParamDiffAug` values (docs/legacy-formats.md §6)."""
 
     prob_flip: float = 0.5
     ratio_scale: float = 1.2

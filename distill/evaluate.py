@@ -1,8 +1,9 @@
 """Evaluate a distilled set with the family's protocol, and the "Random" real-subset baseline.
 
-Protocol (upstream `utils.evaluate_synset`, reference §6): fresh networks trained on the set with SGD
-(momentum 0.9, weight decay 5e-4, batch 256) at the learned lr for epochs + 1 passes, the lr multiplied
-by 0.1 (with a fresh optimizer, as upstream) after pass epochs // 2 + 1, DSA on; then the test accuracy.
+Protocol (upstream `utils.evaluate_synset`, docs/legacy-formats.md §6): fresh networks trained on the
+set with SGD (momentum 0.9, weight decay 5e-4, batch 256) at the learned lr for epochs + 1 passes, the lr
+multiplied by 0.1 (with a fresh optimizer, as upstream) after pass epochs // 2 + 1, DSA on; then the test
+accuracy.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ConvNet family of the trajectory-matching code bases, with their exact module names and order.
 
 Legacy buffers store `list(net.parameters())` without names, so the parameter order and module
-indices here must match upstream's for buffers to map 1:1 (reference table: legacy-buffers.md §3).
+indices here must match upstream's for buffers to map 1:1 (reference table: docs/legacy-formats.md §3).
 """
 
 from __future__ import annotations

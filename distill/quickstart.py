@@ -87,7 +87,7 @@ SCALES = {
                    syn_steps=2, max_start_epoch=2, mct_expert_epochs=1.5, mtt_expert_epochs=1, lr_img=1e3,
                    lr_lr=1e-7, iterations=2, eval_every=1, eval_nets=2, eval_epochs=2),
 }
-EXPERT_LR = 0.01  # the family's expert learning rate (reference section 6)
+EXPERT_LR = 0.01  # the family's expert learning rate (docs/legacy-formats.md §6)
 
 
 @dataclass(frozen=True)

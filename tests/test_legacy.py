@@ -336,6 +336,6 @@ def test_mtt_nbytes_matches_torch_save_to_the_byte(tmp_path, legacy_layers, num_
 
 def test_mtt_nbytes_agrees_with_the_mct_authors_measurement():
     """100 CIFAR-10 ConvNet experts of 51 timesteps: 6,547,733,490 bytes as measured by the MCT authors
-    (legacy-buffers.md §4) with an older torch, whose pickles differ by a few bytes per tensor."""
+    (docs/legacy-formats.md §4) with an older torch, whose pickles differ by a few bytes per tensor."""
     cifar = [s for _, s in spec_for("ConvNet").layers()]
     assert mtt_nbytes(cifar, 51, 100) == pytest.approx(6_547_733_490, rel=1e-3)

@@ -6,7 +6,7 @@ import torch
 from trajstore.distill.networks import ConvNet, ConvNetConfig, FunctionalNet, ModelError, build, config_for, flat_parameters
 from trajstore import TrajstoreError, layer_table
 
-# legacy-buffers.md §3: ConvNet (depth 3, width 128, instancenorm, avgpool) on 3x32x32, 10 classes
+# docs/legacy-formats.md §3: ConvNet (depth 3, width 128, instancenorm, avgpool) on 3x32x32, 10 classes
 REFERENCE_TABLE = [
     ("features.0.weight", (128, 3, 3, 3)), ("features.0.bias", (128,)),
     ("features.1.weight", (128,)), ("features.1.bias", (128,)),

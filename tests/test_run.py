@@ -152,7 +152,8 @@ def test_sources_and_methods_must_agree(experts, tmp_path):
 
 def test_presets_follow_the_published_tables_and_flags_override_them(experts, tmp_path):
     assert len(PRESETS) == 9 and {p.ipc for p in PRESETS.values()} == {1, 10, 50}
-    p = get_preset("CIFAR10-ipc10")  # reference section 5: N/M/max_start/lr_img/lr_lr 30/15/8/1e3/1e-5
+    # docs/legacy-formats.md §5: N/M/max_start/lr_img/lr_lr 30/15/8/1e3/1e-5
+    p = get_preset("CIFAR10-ipc10")
     assert (p.syn_steps, p.expert_epochs, p.max_start_epoch, p.lr_img, p.lr_lr) == (30, 15, 8, 1e3, 1e-5)
     tiny_in = get_preset("tinyimagenet-ipc50")
     assert tiny_in.model == "ConvNetD4" and tiny_in.batch_syn == 300

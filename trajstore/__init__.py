@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from .errors import (ChecksumError, DegenerateTrajectoryError, ExistsError, FormatError, InvalidTensorError,
-                     OutOfRangeError, TrajstoreError, UnsafeFileError, VersionError)
+                     IndexTypeError, OutOfRangeError, TrajstoreError, UnsafeFileError, VersionError)
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ __all__ = [
     "open", "create", "CTraj", "Expert", "Writer", "ExpertWriter", "Layer", "layer_table",
     "beta_from_norms", "anchor_epochs_with", "FORMAT_NAME", "FORMAT_VERSION",
     "TrajstoreError", "FormatError", "ChecksumError", "VersionError", "ExistsError", "InvalidTensorError",
-    "OutOfRangeError", "UnsafeFileError", "DegenerateTrajectoryError",
+    "OutOfRangeError", "IndexTypeError", "UnsafeFileError", "DegenerateTrajectoryError",
 ]
 
 

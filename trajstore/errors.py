@@ -37,6 +37,10 @@ class OutOfRangeError(TrajstoreError, IndexError):
     """An expert index or a trajectory position c lies outside the store."""
 
 
+class IndexTypeError(TrajstoreError, TypeError):
+    """An index into a store or an expert is neither an integer nor a slice."""
+
+
 class UnsafeFileError(FormatError):
     """A legacy file needs more than plain tensors to load; it was refused without running any of it."""
 

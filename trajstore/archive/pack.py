@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
 from ..errors import ExistsError, FormatError, TrajstoreError
@@ -81,7 +81,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                 chunks=(1, min(STRIDE, source.num_timesteps), max(layer.numel, 1)), fill_value=0,
                 attributes={"layer": layer.to_json()}, config={"write_empty_chunks": True}, **_codecs(layer)))
         experts = []
-        with tqdm(total=source.num_experts, unit="expert", desc="pack", disable=not progress) as bar:
+        with progress_bar(total=source.num_experts, unit="expert", desc="pack", disable=not progress) as bar:
             for i, steps in enumerate(source.iter_trajectories()):
                 for index, arr in enumerate(arrays):
                     arr[i] = _bits([step[index] for step in steps])
@@ -136,5 +136,5 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
                 bar.update()
             yield name, trajectories
 
-    with tqdm(total=buf.num_experts, unit="expert", desc="unpack", disable=not progress) as bar:
+    with progress_bar(total=buf.num_experts, unit="expert", desc="unpack", disable=not progress) as bar:
         return write_buffer_dir(Path(out_dir), files(bar), overwrite=overwrite)

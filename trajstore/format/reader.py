@@ -13,7 +13,7 @@ import torch
 
 from . import anchorfile, checksums
 from .beta import locate, piece_weights
-from ..errors import FormatError, OutOfRangeError, TrajstoreError
+from ..errors import FormatError, IndexTypeError, OutOfRangeError, TrajstoreError
 from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, load_json
 from ..stores.files import open_store
 
@@ -52,6 +52,16 @@ def lerp(x: torch.Tensor, y: torch.Tensor, w: float, out: torch.Tensor | None = 
     return torch.sub(y, out.mul_(_round_weight(1.0 - w, out.dtype)), out=out)
 
 
+def _index(i, n: int, what: str, path) -> int:
+    """A list-style integer index into n items, as a non-negative int; IndexError/TypeError-compatible errors."""
+    if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+        raise IndexTypeError(f"{what} indices must be integers or slices, not {type(i).__name__} "
+                             f"(for a real position c use .at(c))", path)
+    if not -n <= i < n:
+        raise OutOfRangeError(f"{what} index {int(i)} out of range: there are {n} {what}s", path)
+    return int(i) % n
+
+
 class Expert:
     """One convexified trajectory: anchors, per-layer betas, and theta(c) for any real c in [0, K]."""
 
@@ -80,6 +90,22 @@ class Expert:
     @property
     def num_timesteps(self) -> int:
         return self._s.num_timesteps
+
+    # -- upstream's shape: `len(traj)` timesteps, `traj[t]` a list of tensors in parameter order ----------
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __getitem__(self, t):
+        """Timestep t (negative counts from the end) as upstream's `buffer[i][t]`: a list of tensors in
+        parameter order (theta(t), interpolated where t is not an anchor); a slice gives a list of those."""
+        if isinstance(t, slice):
+            return [self[k] for k in range(*t.indices(self.num_timesteps))]
+        k = _index(t, self.num_timesteps, "timestep", self._s.path)
+        return list(self.at(k).values())
+
+    def __iter__(self):
+        return (self[t] for t in range(self.num_timesteps))
 
     def _manifest(self) -> dict[str, str]:
         if self._files is None:
@@ -256,8 +282,11 @@ class CTraj:
     def __iter__(self):
         return (self.expert(i) for i in range(self.num_experts))
 
-    def __getitem__(self, i: int) -> Expert:
-        return self.expert(i)
+    def __getitem__(self, i):
+        """Expert i (negative counts from the end); a slice gives a list of experts."""
+        if isinstance(i, slice):
+            return [self.expert(k) for k in range(*i.indices(self.num_experts))]
+        return self.expert(_index(i, self.num_experts, "expert", self.path))
 
     def expert(self, i: int) -> Expert:
         if not isinstance(i, (int, np.integer)) or not -self.num_experts <= i < self.num_experts:

@@ -1,6 +1,6 @@
 """Finding a legacy buffer's files from a file, a model directory or a whole buffer root.
 
-Names (legacy-buffers.md §1, §5): MTT-family `replay_buffer_{n}.pt`; the official MCT code's dense
+Names (docs/legacy-formats.md §1, §5): MTT-family `replay_buffer_{n}.pt`; the official MCT code's dense
 `convexified[_v{k}]_replay_buffer_{n}.pt` and its pairs `waypoint_buffer[_{tag}]_{n}.pt` +
 `step_buffer[_{tag}]_{n}.pt` (tag `ip{K}`, `uni`, `dec`, `proj`). Files are taken in numeric order.
 """

@@ -2,7 +2,7 @@
 
 Per trajectory the waypoint file holds the waypoint models (a list of parameter lists) and the step
 file the per-tensor betas of every point: a flat list of K+1 points for two waypoints, else one list
-per piece whose points include both ends (legacy-buffers.md §5). Timestep t of piece [a, b] is
+per piece whose points include both ends (docs/legacy-formats.md §5). Timestep t of piece [a, b] is
 `torch.lerp(w_a, w_b, beta)` per tensor, exactly as MCT's `CompressedTrajectoryWithInterpolation`
 computes it; at a waypoint epoch the stored waypoint itself is returned.
 """

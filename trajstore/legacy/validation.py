@@ -1,5 +1,5 @@
 """Checks that a legacy buffer holds real trajectories: plain nesting, float tensors, one shape table,
-one length, and timesteps that actually move (legacy-buffers.md §1 lists what goes wrong upstream)."""
+one length, and timesteps that actually move (docs/legacy-formats.md §1 lists what goes wrong upstream)."""
 
 from __future__ import annotations
 

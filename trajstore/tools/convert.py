@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..stores import atomic
 from ..archive import is_archive, open_archive
 from ..format.beta import anchor_epochs_with
@@ -72,7 +72,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
         with create(out, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
                     single_file=single_file, overwrite=overwrite) as writer:
-            for i in tqdm(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
+            for i in progress_bar(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
                 origin = source.source_of(i)
                 try:
                     writer.write_expert(source.timesteps(i), provenance={"source": origin})

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..stores import atomic
 from ..errors import ExistsError, TrajstoreError
 from ..format.reader import open as open_ctraj
@@ -77,5 +77,5 @@ def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per
                 bar.update()
             yield f"replay_buffer_{n}.pt", trajectories
 
-    with tqdm(total=store.num_experts, unit="expert", desc="export", disable=not progress) as bar:
+    with progress_bar(total=store.num_experts, unit="expert", desc="export", disable=not progress) as bar:
         return write_buffer_dir(Path(out_dir), files(bar), overwrite=overwrite)
