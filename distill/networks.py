@@ -98,4 +98,6 @@ class FunctionalNet:
         return {n: p.view(s) for n, p, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.net, self.unflatten(flat), (x,))
+        # buffers go in as copies: BatchNorm's running statistics then update those, never the module's
+        buffers = {n: b.clone() for n, b in self.net.named_buffers()}
+        return functional_call(self.net, {**self.unflatten(flat), **buffers}, (x,))

@@ -283,27 +283,41 @@ def mct_store(directory, trajs, waypoint_epochs, tag=""):
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(waypoints, directory / f"waypoint_buffer{tag}_0.pt")
     torch.save(steps, directory / f"step_buffer{tag}_0.pt")
+    return steps
+
+
+def written_betas(pieces) -> list[list[float]]:
+    """The (K+1) x L betas one trajectory's step entries hold, read straight from what mct_store wrote:
+    each piece's points but its last (the next piece's first), then the very last point."""
+    pieces = pieces if isinstance(pieces[0][0], list) else [pieces]
+    rows = [[float(b) for b in point] for piece in pieces for point in piece[:-1]]
+    return rows + [[float(b) for b in pieces[-1][-1]]]
 
 
 @pytest.mark.parametrize("epochs,tag", [((0, 10), ""), ((0, 3, 6, 10), "_ip4")])
 def test_mct_waypoint_stores_materialise_as_mct_does(tmp_path, legacy_layers, epochs, tag):
     trajs = [random_walk(legacy_layers, 11, seed=s) for s in range(2)]
     d = tmp_path / "CIFAR10" / "ConvNet"
-    mct_store(d, trajs, epochs, tag)
+    steps = mct_store(d, trajs, epochs, tag)
     buf = open_buffer(d)
     assert (buf.kind, buf.num_experts, buf.num_timesteps, buf.anchor_epochs) == (f"waypoint_buffer{tag}", 2, 11, epochs)
     assert len(buf.files) == 2 and buf.source_of(1)["steps"] == f"step_buffer{tag}_0.pt"
+    assert written_betas(steps[0]) != written_betas(steps[1])  # so mixing experts up shows
     for i, traj in enumerate(trajs):
         got = buf.trajectory(i)
         for e in epochs:
             assert bits_equal(got[e], traj[e])  # the stored waypoints themselves
-        betas = buf.betas(i)
-        assert betas.shape == (11, len(legacy_layers)) and (betas[list(epochs[:-1])] == 0).all()
-        a, b = epochs[0], epochs[1]
-        t = a + 1
-        # MCT's CompressedTrajectoryWithInterpolation.get_waypoint: torch.lerp with the stored 0-d betas
-        want = [torch.lerp(x, y, torch.tensor(w, dtype=torch.float32)) for x, y, w in zip(traj[a], traj[b], betas[t])]
-        assert all(torch.equal(g, w) for g, w in zip(buf.timestep(i, t), want))
+        betas = written_betas(steps[i])  # what this test wrote, not what the reader says
+        assert buf.betas(i).tolist() == betas and all(betas[e] == [0.0] * len(legacy_layers) for e in epochs[:-1])
+        for t in range(11):
+            if t in epochs:
+                continue
+            j = max(k for k, e in enumerate(epochs) if e < t)
+            a, b = epochs[j], epochs[j + 1]
+            # MCT's CompressedTrajectoryWithInterpolation.get_waypoint: torch.lerp with the stored 0-d betas
+            want = [torch.lerp(x, y, torch.tensor(w, dtype=torch.float32))
+                    for x, y, w in zip(traj[a], traj[b], betas[t])]
+            assert bits_equal(buf.timestep(i, t), want) and bits_equal(got[t], want), (i, t)
     assert open_buffer(d / f"step_buffer{tag}_0.pt").num_experts == 2
 
 
