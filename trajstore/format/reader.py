@@ -6,7 +6,6 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +14,8 @@ from . import anchorfile, checksums
 from .beta import locate, piece_weights
 from ..errors import FormatError, IndexTypeError, OutOfRangeError, TrajstoreError
 from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, load_json
-from ..stores.files import open_store
+from ..stores.cache import DiskCache
+from ..stores.location import locate as locate_target, open_store
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -124,21 +124,29 @@ class Expert:
         where = self._s._describe(key)
         if rel not in files:
             raise FormatError("file is not listed in the expert's manifest", where)
-        data = self._s._store.mapped(key) if mapped else self._s._store.read_bytes(key)
+        store = self._s._store
+        if mapped and store.remote:  # fetched once into the local disk cache, verified there
+            return self._s._disk_cache().get(str(files[rel]), lambda: store.read_bytes(key), where)
+        data = store.mapped(key) if mapped else store.read_bytes(key)
         if self._s.verify_checksums:
             checksums.check(data, files[rel], where)
         return data
 
     def _array(self, name: str, shape: tuple[int, int]) -> np.ndarray:
         if name not in self._arrays:
-            chunk_files = [f for f in self._manifest() if f.startswith(f"{name}/")]
-            for rel in chunk_files:  # checksum first: zarr would decode corrupt bytes silently
-                self._bytes(rel)
+            # Each file of the array is read once, checksummed (zarr would decode corrupt bytes
+            # silently) and handed to zarr in memory, whatever store it came from.
+            files = {rel: self._bytes(rel) for rel in self._manifest() if rel.startswith(f"{name}/")}
             where = self._s._describe(f"{self._dir}/{name}")
             try:
                 import zarr
+                from zarr.core.buffer import default_buffer_prototype
+                from zarr.storage import MemoryStore
 
-                arr = zarr.open_array(store=self._s._zarr(), path=f"{self._dir}/{name}", mode="r")
+                buffer = default_buffer_prototype().buffer
+                held = MemoryStore({rel: buffer.from_bytes(bytes(data)) for rel, data in files.items()},
+                                   read_only=True)
+                arr = zarr.open_array(store=held, path=name, mode="r")
                 values = np.asarray(arr[...], dtype=np.float64)
             except Exception as exc:  # zarr reports corruption with many exception types
                 raise FormatError(f"cannot read zarr array ({type(exc).__name__}: {exc})", where) from None
@@ -224,10 +232,14 @@ class Expert:
 class CTraj:
     """An open .ctraj store (directory or single file). Obtain with `trajstore.open(path)`."""
 
-    def __init__(self, path, *, verify_checksums: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
-        self.path = Path(path)
+    def __init__(self, path, *, verify_checksums: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 storage_options: dict | None = None, cache_dir=None, disk_cache_bytes: int | None = None):
+        location = locate_target(path, storage_options)
+        self.path = location.path if location.path is not None else location.url  # Path, or a URL
         self.verify_checksums = verify_checksums
-        self._store = open_store(self.path)
+        self._store = open_store(location)
+        self._disk = None
+        self._disk_settings = (cache_dir, disk_cache_bytes)
         meta = StoreMeta.decode(self._store.read_bytes(ROOT_META), self._describe(ROOT_META))
         if not meta.complete:
             raise FormatError("unfinished write: the writer was interrupted before closing the store "
@@ -236,14 +248,12 @@ class CTraj:
         self.layers = meta.layers
         self._numels = [layer.numel for layer in meta.layers]
         self.num_params = sum(self._numels)
-        self._ids = sorted(int(n) for n in self._store.listdir(EXPERTS)
-                           if n.isdigit() and self._store.exists(f"{expert_dir(int(n))}/{ROOT_META}"))
+        self._ids = sorted(int(n) for n in self._store.groups_with(EXPERTS, ROOT_META) if n.isdigit())
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._lock = threading.Lock()
-        self._zarr_store = None
 
     def __repr__(self):
         return (f"<CTraj {self.path}: {self.num_experts} experts, {self.num_timesteps} timesteps, "
@@ -252,10 +262,11 @@ class CTraj:
     def _describe(self, key: str):
         return self._store.describe(key)
 
-    def _zarr(self):
-        if self._zarr_store is None:
-            self._zarr_store = self._store.zarr_store()
-        return self._zarr_store
+    def _disk_cache(self) -> DiskCache:
+        with self._lock:
+            if self._disk is None:
+                self._disk = DiskCache(*self._disk_settings)
+            return self._disk
 
     # -- the public table ---------------------------------------------------------------------
 
@@ -273,7 +284,7 @@ class CTraj:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk."""
+        """Bytes stored (on disk, or in the bucket)."""
         return self._store.total_bytes()
 
     def __len__(self):
@@ -338,7 +349,15 @@ class CTraj:
         self.close()
 
 
-def open(path: str | os.PathLike, *, verify_checksums: bool = True,
-         cache_bytes: int = DEFAULT_CACHE_BYTES) -> CTraj:
-    """Open a .ctraj (directory or single file) for reading. Nothing but metadata is read yet."""
-    return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes)
+def open(path: str | os.PathLike, *, verify_checksums: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES,
+         storage_options: dict | None = None, cache_dir: str | os.PathLike | None = None,
+         disk_cache_bytes: int | None = None) -> CTraj:
+    """Open a .ctraj (directory or single file; a path or any fsspec URL such as s3://bucket/x.ctraj)
+    for reading. Nothing but metadata is read yet.
+
+    `cache_bytes` bounds the anchors held in memory. `storage_options` go to the URL's fsspec
+    filesystem (endpoint, credentials, ...). Anchors of a remote store are fetched once into a local
+    disk cache (`cache_dir`, at most `disk_cache_bytes`; defaults in trajstore.stores.cache) and
+    verified against the manifest before use."""
+    return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes,
+                 storage_options=storage_options, cache_dir=cache_dir, disk_cache_bytes=disk_cache_bytes)

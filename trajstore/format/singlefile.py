@@ -10,7 +10,9 @@ import struct
 import zipfile
 from pathlib import Path
 
+from ..errors import ExistsError, TrajstoreError
 from ..stores import atomic
+from ..stores.location import Location
 
 ALIGN = 64
 PAD_EXTRA_ID = 0xD935  # the id Android's zipalign uses for padding; readers skip unknown extras
@@ -37,6 +39,24 @@ def write_single_file(src_dir: Path, dst: Path, *, overwrite: bool = False) -> N
         atomic.publish_file(tmp, dst, overwrite=overwrite)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish_single_file(src_dir: Path, target: Location, *, overwrite: bool = False) -> None:
+    """The single-file form of src_dir at a local path or a URL: a remote file is zipped locally and
+    uploaded as one object (a PUT is all or nothing), never modified in place."""
+    if target.path is not None:
+        write_single_file(src_dir, target.path, overwrite=overwrite)
+        return
+    if target.exists() and not overwrite:
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
+    scratch = Path(src_dir).parent / f".{Path(src_dir).name}.zip"
+    try:
+        write_single_file(src_dir, scratch, overwrite=True)
+        target.fs.put_file(str(scratch), target.fs_path)
+    except (OSError, ValueError) as exc:
+        raise TrajstoreError(f"cannot upload ({type(exc).__name__}: {exc})", target.url) from None
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def extract_single_file(src: Path, dst_dir: Path, *, overwrite: bool = False) -> None:

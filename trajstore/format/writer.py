@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
 import tempfile
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,12 +13,13 @@ import numpy as np
 import torch
 
 from . import anchorfile, checksums
-from ..stores import atomic
+from ..stores.files import DirectoryStore
+from ..stores.location import locate, open_store
 from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
 from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
 from .layers import as_tensor_list, layer_table
 from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, group_json
-from .singlefile import write_single_file
+from .singlefile import publish_single_file
 
 SMOOTHING = ("mct",)
 
@@ -36,11 +34,15 @@ def _tool() -> str:
     return f"trajstore {__version__}"
 
 
-def write_zarr_array(root: Path, name: str, data: np.ndarray) -> None:
+def encode_zarr_array(name: str, data: np.ndarray) -> dict[str, bytes]:
+    """The files of a one-chunk zarr v3 array `name` holding data, by key: encoded in memory, so they
+    are written (and checksummed) through whatever store the .ctraj lives in."""
     import zarr
-    from zarr.storage import LocalStore
+    from zarr.storage import MemoryStore
 
-    zarr.create_array(LocalStore(root), name=name, data=data, chunks=data.shape, overwrite=False)
+    held: dict = {}
+    zarr.create_array(MemoryStore(held), name=name, data=data, chunks=data.shape, overwrite=False)
+    return {key: buf.to_bytes() for key, buf in sorted(held.items()) if key.startswith(f"{name}/")}
 
 
 class ExpertWriter:
@@ -130,8 +132,7 @@ class Writer:
     def __init__(self, path, layers, num_timesteps: int, *, anchor_epochs: Sequence[int] | None = None,
                  waypoints: Sequence[int] = (), smoothing: str | None = None, architecture: dict | None = None,
                  training: dict | None = None, provenance: dict | None = None, single_file: bool = False,
-                 overwrite: bool = False, append: bool = False):
-        self.path = Path(path)
+                 overwrite: bool = False, append: bool = False, storage_options: dict | None = None):
         layers = layer_table(layers)
         if anchor_epochs is None:
             anchor_epochs = anchor_epochs_with(waypoints, num_timesteps)
@@ -146,55 +147,67 @@ class Writer:
                               provenance=prov)
         self.single_file = single_file
         self._overwrite = overwrite
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._target = locate(path, storage_options)
+        self.path = self._target.path if self._target.path is not None else self._target.url  # Path, or a URL
         self._taken: set[int] = set()
         self._closed = False
+        self._replacing = False
+        target = open_store(self._target, mode="w")
+        target._writable()
         if single_file:
             if append:
                 raise TrajstoreError("a single-file .ctraj cannot be appended to; write the directory "
                                      "form and convert it when done", self.path)
-            if self.path.exists() and not overwrite:
+            if self._target.exists() and not overwrite:
                 raise ExistsError("already exists (pass overwrite=True / --force to replace it)", self.path)
-            self._root = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.build-", dir=self.path.parent))
+            scratch = self._target.path.parent if self._target.path is not None else None
+            if scratch is not None:
+                scratch.mkdir(parents=True, exist_ok=True)
+            prefix = f".{self._target.name}.build-"
+            self._store = DirectoryStore(tempfile.mkdtemp(prefix=prefix, dir=scratch))
             self._init_root()
-        elif self.path.exists() and append:
-            self._root = self.path
+        elif self._target.exists() and append:
+            self._store = target
             self._join_existing()
-        elif self.path.exists() and not overwrite:
-            hint = "" if (self.path / ROOT_META).exists() else " (an unfinished write: pass append=True to resume)"
+        elif self._target.exists() and not overwrite:
+            hint = "" if target.exists(ROOT_META) else " (an unfinished write: pass append=True to resume)"
             raise ExistsError(f"already exists{hint}; pass overwrite=True / --force to replace it", self.path)
-        elif self.path.exists():
-            self._root = atomic.temp_sibling(self.path, "build")
-            self._root.mkdir()
+        elif self._target.exists():
+            self._store = target.begin_replace()
+            self._replacing = True
             self._init_root()
         else:
-            self._root = self.path
-            try:
-                self._root.mkdir()
-            except FileExistsError:  # another process created it first
-                self._join_existing()
+            self._store = target
+            if isinstance(target, DirectoryStore) and not target.make_root():
+                self._join_existing()  # another process created it first
             else:
                 self._init_root()
+        self._target_store = target
 
     # -- store level -------------------------------------------------------------------------
 
     def _init_root(self) -> None:
-        (self._root / EXPERTS).mkdir()
-        atomic.write_bytes(self._root / EXPERTS / ROOT_META, group_json())
-        atomic.write_bytes(self._root / ROOT_META, self.meta.encode())
+        store = self._store
+        if isinstance(store, DirectoryStore):
+            store.root.mkdir(parents=True, exist_ok=True)
+        store.write_bytes(f"{EXPERTS}/{ROOT_META}", group_json())
+        try:  # create-only: of writers starting one store at once, one writes the metadata
+            store.create_bytes(ROOT_META, self.meta.encode())
+        except ExistsError:
+            self._join_existing()
 
     def _join_existing(self) -> None:
-        meta_path = self._root / ROOT_META
+        store = self._store
         deadline = time.monotonic() + 30
-        while not meta_path.exists():  # a concurrent creator is between mkdir and its metadata
+        while not store.exists(ROOT_META):  # a concurrent creator is between mkdir and its metadata
             if time.monotonic() > deadline:
-                raise FormatError("exists but holds no .ctraj metadata", self._root)
+                raise FormatError("exists but holds no .ctraj metadata", self.path)
             time.sleep(0.05)
-        existing = StoreMeta.decode(meta_path.read_bytes(), meta_path)
+        existing = StoreMeta.decode(store.read_bytes(ROOT_META), store.describe(ROOT_META))
         diffs = existing.same_layout(self.meta)
         if diffs:
             raise TrajstoreError("cannot append: the existing store has another layout: " + "; ".join(diffs),
-                                 self._root)
+                                 self.path)
         self.meta.provenance = existing.provenance
         self.meta.architecture = existing.architecture if existing.architecture is not None else self.meta.architecture
         self.meta.training = existing.training or self.meta.training
@@ -202,11 +215,7 @@ class Writer:
 
     def existing_experts(self) -> list[int]:
         """Ids of the experts already complete in this store (for resuming)."""
-        ids = []
-        for name in os.listdir(self._root / EXPERTS):
-            if name.isdigit() and (self._root / EXPERTS / name / ROOT_META).exists():
-                ids.append(int(name))
-        return sorted(ids)
+        return sorted(int(n) for n in self._store.groups_with(EXPERTS, ROOT_META) if n.isdigit())
 
     def next_id(self) -> int:
         used = set(self.existing_experts()) | self._taken
@@ -234,51 +243,56 @@ class Writer:
 
     def _publish_expert(self, expert_id: int, anchors: Mapping[int, list[torch.Tensor]], norms: np.ndarray,
                         provenance: dict) -> None:
-        meta = self.meta
-        final = self._root / expert_dir(expert_id)
-        tmp = self._root / EXPERTS / f".tmp-{expert_id:06d}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        """Files first, the manifest last: the store publishes the expert in one step (a rename, or
+        on an object store the create-only write of its manifest), so no reader sees part of it."""
+        meta, store = self.meta, self._store
+        final = expert_dir(expert_id)
+        if store.exists(f"{final}/{ROOT_META}"):
+            raise ExistsError(f"expert {expert_id} already exists", self.path)
+        staged = store.stage(final)
+        published = False
         try:
+            contents = {anchor_name(epoch): anchorfile.encode(meta.layers, anchors[epoch], {"epoch": str(epoch)})
+                        for epoch in meta.anchor_epochs}
+            contents.update(encode_zarr_array(BETA, beta_from_norms(norms, meta.anchor_epochs)))
+            contents.update(encode_zarr_array(STEP_NORMS, norms))
             files: dict[str, str] = {}
-            for epoch in meta.anchor_epochs:
-                data = anchorfile.encode(meta.layers, anchors[epoch], {"epoch": str(epoch)})
-                (tmp / anchor_name(epoch)).write_bytes(data)
-            write_zarr_array(tmp, BETA, beta_from_norms(norms, meta.anchor_epochs))
-            write_zarr_array(tmp, STEP_NORMS, norms)
-            for p in sorted(tmp.rglob("*")):
-                rel = str(p.relative_to(tmp)).replace(os.sep, "/")
-                if p.is_file() and rel != ROOT_META:  # the group document holds the manifest itself
-                    files[rel] = checksums.sha256(p.read_bytes())
+            for rel, data in contents.items():
+                store.write_bytes(f"{staged}/{rel}", data)
+                files[rel] = checksums.sha256(data)  # the group document holds the manifest itself
             attrs = {"trajstore_expert": {"id": expert_id, "files": files,
                                           "provenance": {"written": _now(), **provenance}}}
-            (tmp / ROOT_META).write_bytes(group_json(attrs))
-            atomic.publish_dir(tmp, final, overwrite=False)
+            store.publish(staged, final, ROOT_META, group_json(attrs))
+            published = True
         finally:
-            atomic.remove(tmp)
+            if not published:
+                store.discard(staged, final, ROOT_META)
 
-    def close(self) -> Path:
-        """Mark the store complete and publish it; returns its path."""
+    def close(self):
+        """Mark the store complete and publish it; returns its path (a Path, or the URL)."""
         if self._closed:
             return self.path
         self._closed = True
         self.meta.complete = True
-        atomic.write_bytes(self._root / ROOT_META, self.meta.encode())
+        self._store.write_bytes(ROOT_META, self.meta.encode())
         if self.single_file:
             try:
-                write_single_file(self._root, self.path, overwrite=self._overwrite)
+                publish_single_file(self._store.root, self._target, overwrite=self._overwrite)
             finally:
-                shutil.rmtree(self._root, ignore_errors=True)
-        elif self._root != self.path:
-            atomic.publish_dir(self._root, self.path, overwrite=True)
+                self._store.delete("")
+        elif self._replacing:
+            self._target_store.finish_replace(self._store)
         return self.path
 
     def abort(self) -> None:
         """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""
         self._closed = True
-        if self.single_file or self._root != self.path:
-            shutil.rmtree(self._root, ignore_errors=True)
+        if self.single_file:
+            self._store.delete("")
+        elif self._replacing:
+            self._target_store.abandon_replace(self._store)
         elif not self.meta.complete and not self.existing_experts():
-            shutil.rmtree(self._root, ignore_errors=True)
+            self._store.delete("")
 
     def __enter__(self):
         return self

@@ -1,7 +1,8 @@
-"""Read access to the bytes of a .ctraj, in its directory form or its single-file (zip) form.
+"""Local stores: a .ctraj directory (read and write) and the single-file (zip) form (read).
 
 Both expose the same keys ("zarr.json", "experts/000003/anchor_0006.safetensors", ...), so the
-reader never knows which form it reads. Another backend (an fsspec URL) needs only these methods.
+reader never knows which form it reads. The zip store reads members through byte ranges of the
+file, so the same class reads a single-file .ctraj over fsspec (trajstore.stores.remote).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import uuid
 import zipfile
 from pathlib import Path
 
-from ..errors import FormatError
+from ..errors import ExistsError, FormatError
+from . import atomic
+from .base import Store
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -31,72 +35,134 @@ def _map_file(path: Path, what: str) -> mmap.mmap | bytes:
         raise FormatError(f"cannot read {what}: {exc}", path) from None
 
 
-class DirectoryStore:
+class DirectoryStore(Store):
+    """A directory on a local (or locally mounted) filesystem; anchors are memory-mapped."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.url = str(self.root)
 
-    def __repr__(self):
-        return f"DirectoryStore({str(self.root)!r})"
+    def describe(self, key: str) -> str:
+        return str(self.root / key) if key else str(self.root)
 
-    def describe(self, key: str) -> Path:
-        return self.root / key
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
 
     def exists(self, key: str) -> bool:
-        return (self.root / key).is_file()
+        return self._path(key).is_file()
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return (self.root / key).read_bytes()
+            return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise FormatError("file is missing", self.root / key) from None
+            raise FormatError("file is missing", self._path(key)) from None
         except OSError as exc:
-            raise FormatError(f"cannot read: {exc}", self.root / key) from None
+            raise FormatError(f"cannot read: {exc}", self._path(key)) from None
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return bytes(self.mapped(key)[start:end])
 
     def mapped(self, key: str) -> memoryview:
-        return memoryview(_map_file(self.root / key, "file"))
+        return memoryview(_map_file(self._path(key), "file"))
 
     def listdir(self, prefix: str) -> list[str]:
         try:
-            return sorted(p.name for p in (self.root / prefix).iterdir())
-        except FileNotFoundError:
+            return sorted(p.name for p in self._path(prefix).iterdir())
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     def files(self, prefix: str) -> list[str]:
-        base = self.root / prefix
         return sorted(str(p.relative_to(self.root)).replace(os.sep, "/")
-                      for p in base.rglob("*") if p.is_file())
+                      for p in self._path(prefix).rglob("*") if p.is_file())
 
     def size(self, key: str) -> int:
-        return (self.root / key).stat().st_size
+        return self._path(key).stat().st_size
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
-    def zarr_store(self):
-        from zarr.storage import LocalStore
+    def present(self) -> bool:
+        return self.root.exists() or self.root.is_symlink()
 
-        return LocalStore(self.root, read_only=True)
-
-
-class ZipFileStore:
-    """An uncompressed zip whose members are memory-mapped in place (members are 64-byte aligned)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def make_root(self) -> bool:
+        """Create the root directory; False if it exists already (another writer made it first)."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with zipfile.ZipFile(self.path) as zf:
+            self.root.mkdir()
+        except FileExistsError:
+            return False
+        return True
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(path, data)
+
+    def create_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(path, data, overwrite=False)
+
+    def delete(self, prefix: str) -> None:
+        atomic.remove(self._path(prefix))
+
+    def stage(self, final: str) -> str:
+        parent, _, name = final.rpartition("/")
+        return f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}" if parent else f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+
+    def publish(self, staged: str, final: str, manifest: str, data: bytes) -> None:
+        path = self._path(f"{staged}/{manifest}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        atomic.publish_dir(self._path(staged), self._path(final), overwrite=False)
+
+    def discard(self, staged: str, final: str, manifest: str) -> None:
+        atomic.remove(self._path(staged))
+
+    def begin_replace(self) -> "DirectoryStore":
+        return DirectoryStore(atomic.temp_sibling(self.root, "build"))
+
+    def finish_replace(self, built: Store) -> None:
+        atomic.publish_dir(built.root, self.root, overwrite=True)
+
+
+class ZipFileStore(Store):
+    """An uncompressed zip whose members are read in place (members are 64-byte aligned).
+
+    A local file is memory-mapped, so anchor tensors are views of the page cache; any other
+    `source` (an fsspec file) is read by byte ranges, the central directory first.
+    """
+
+    writable = False
+
+    def __init__(self, path: str | os.PathLike, *, fs=None):
+        self._fs = fs
+        if fs is None:
+            self.path = Path(path)
+            self.url = str(self.path)
+            opener = lambda: open(self.path, "rb")  # noqa: E731
+        else:
+            self.path = path
+            self.url = fs.unstrip_protocol(path)
+            self.remote = True
+            opener = lambda: fs.open(path, "rb")  # noqa: E731
+        try:
+            with opener() as f, zipfile.ZipFile(f) as zf:
                 infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise FormatError(f"not a readable single-file .ctraj ({exc})", self.path) from None
+                self._length = f.seek(0, os.SEEK_END)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise FormatError(f"not a readable single-file .ctraj ({exc})", self.url) from None
         self._infos = {i.filename: i for i in infos if not i.is_dir()}
-        self._map = _map_file(self.path, "single-file .ctraj")
+        self._map = _map_file(self.path, "single-file .ctraj") if fs is None else None
         self._offsets: dict[str, int] = {}
 
-    def __repr__(self):
-        return f"ZipFileStore({str(self.path)!r})"
-
     def describe(self, key: str) -> str:
-        return f"{self.path}!{key}"
+        return f"{self.url}!{key}" if key else self.url
+
+    def _raw(self, start: int, end: int) -> bytes:
+        if self._map is not None:
+            return bytes(self._map[start:end])
+        return self._fs.cat_file(self.path, start=start, end=end)
 
     def exists(self, key: str) -> bool:
         return key in self._infos
@@ -109,53 +175,51 @@ class ZipFileStore:
             raise FormatError("member is compressed; single-file .ctraj members must be stored",
                               self.describe(key))
         if key not in self._offsets:
-            header = bytes(self._map[info.header_offset : info.header_offset + 30])
+            header = self._raw(info.header_offset, info.header_offset + 30)
             if len(header) < 30 or header[:4] != ZIP_MAGIC:
                 raise FormatError("bad local zip header (truncated file?)", self.describe(key))
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             self._offsets[key] = info.header_offset + 30 + name_len + extra_len
         start = self._offsets[key]
-        if start + info.file_size > len(self._map):
+        if start + info.file_size > self._length:
             raise FormatError("member runs past the end of the file (truncated?)", self.describe(key))
         return start, info.file_size
 
     def read_bytes(self, key: str) -> bytes:
         start, size = self._data_offset(key)
-        return bytes(self._map[start : start + size])
+        return self._raw(start, start + size)
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        begin, size = self._data_offset(key)
+        start, end = max(0, min(start, size)), max(0, min(end, size))
+        return self._raw(begin + start, begin + end) if end > start else b""
 
     def mapped(self, key: str) -> memoryview:
         start, size = self._data_offset(key)
+        if self._map is None:
+            return memoryview(self._raw(start, start + size))
         return memoryview(self._map)[start : start + size]
 
     def listdir(self, prefix: str) -> list[str]:
-        prefix = prefix.rstrip("/") + "/"
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
         names = {k[len(prefix):].split("/", 1)[0] for k in self._infos if k.startswith(prefix)}
         return sorted(names)
 
     def files(self, prefix: str) -> list[str]:
-        prefix = prefix.rstrip("/") + "/"
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
         return sorted(k for k in self._infos if k.startswith(prefix))
 
     def size(self, key: str) -> int:
         return self._infos[key].file_size
 
     def total_bytes(self) -> int:
-        return self.path.stat().st_size
+        return self._length
 
-    def zarr_store(self):
-        from zarr.storage import ZipStore
+    def present(self) -> bool:
+        return True
 
-        return ZipStore(self.path, mode="r")
+    def _read_only(self, *args, **kwargs):
+        raise FormatError("a single-file .ctraj is written whole by the writer (single_file=True); it "
+                          "cannot be modified in place", self.url)
 
-
-def open_store(path: str | os.PathLike):
-    p = Path(path)
-    if p.is_dir():
-        return DirectoryStore(p)
-    if not p.exists():
-        raise FormatError("no such .ctraj (neither a directory nor a file)", p)
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != ZIP_MAGIC:
-        raise FormatError("not a .ctraj: neither a directory nor a single-file (zip) .ctraj", p)
-    return ZipFileStore(p)
+    write_bytes = create_bytes = delete = stage = publish = discard = _read_only
