@@ -86,6 +86,23 @@ def lerp(x: np.ndarray, y: np.ndarray, w: float, dtype: str) -> np.ndarray:
     return rnd(y - rnd(d * rnd(np.float64(1.0) - np.float64(w), dtype), dtype), dtype)
 
 
+def trajectory_betas(traj, epochs) -> np.ndarray:
+    """§5 from a raw trajectory (K+1 timesteps of per-layer arrays or tensors), in plain loops: float64
+    step norms, each piece's cumulative share of its length, the linear schedule where S = 0."""
+    steps = [[np.asarray(x, dtype=np.float64) for x in step] for step in traj]
+    K, L = len(steps) - 1, len(steps[0])
+    norms = np.array([[float(np.sqrt(np.sum((steps[t + 1][l] - steps[t][l]) ** 2))) for l in range(L)]
+                      for t in range(K)])
+    beta = np.zeros((K + 1, L))
+    for a, b in zip(epochs, epochs[1:]):
+        for l in range(L):
+            total = sum(norms[a:b, l])
+            for t in range(a + 1, b):
+                beta[t, l] = sum(norms[a:t, l]) / total if total > 0 else (t - a) / (b - a)
+    beta[K] = 1.0
+    return beta
+
+
 def weights(beta: np.ndarray, epochs: list[int], c: float) -> tuple[int, np.ndarray]:
     """§7 steps 1-3: the piece containing c and w per layer (float64)."""
     if not 0 <= c <= epochs[-1]:

@@ -41,6 +41,29 @@ def test_writer_accepts_modules_and_state_dicts(tmp_path):
     assert [l.name for l in r.layers] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     torch.testing.assert_close(r.expert(0).anchor(2)["1.bias"], net[1].bias.detach() - 0.1)
 
+    # a real state_dict(), BatchNorm buffers and all, trained a few steps: the parameters are what is stored
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(bn.parameters(), lr=0.1)
+    seen = []
+    with trajstore.create(tmp_path / "bn.ctraj", bn, 3) as w:
+        with w.expert() as ew:
+            for _ in range(3):
+                assert "1.running_mean" in bn.state_dict() and "1.num_batches_tracked" in bn.state_dict()
+                ew.append(bn.state_dict())
+                seen.append({n: p.detach().clone() for n, p in bn.named_parameters()})
+                opt.zero_grad()
+                bn(torch.randn(4, 1, 4, 4)).square().sum().backward()
+                opt.step()
+    r = trajstore.open(tmp_path / "bn.ctraj")
+    assert [l.name for l in r.layers] == [n for n, _ in bn.named_parameters()]
+    for epoch in (0, 2):
+        got = r.expert(0).anchor(epoch)
+        assert got.keys() == seen[epoch].keys() and all(torch.equal(got[n], seen[epoch][n]) for n in got)
+    with pytest.raises(trajstore.InvalidTensorError, match="missing"):
+        with trajstore.create(tmp_path / "short.ctraj", bn, 3) as w:
+            w.expert().append({k: v for k, v in bn.state_dict().items() if k != "3.bias"})
+
 
 WRITE_FOREVER = textwrap.dedent("""
     import sys, torch, trajstore

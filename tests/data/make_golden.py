@@ -24,7 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
 sys.path.insert(0, str(HERE.parent))
-from spec_reader import CARRY, lerp, rnd, to_bits, weights  # noqa: E402
+from spec_reader import CARRY, lerp, rnd, to_bits, trajectory_betas, weights  # noqa: E402
 
 DTYPES = ("F32", "F16", "BF16")
 ALSO_AS = {"F32": "F16", "F16": "F32", "BF16": "F32"}  # a requested dtype beside the stored one
@@ -48,25 +48,6 @@ def trajectory(dtype: str, seed: int) -> list[list[np.ndarray]]:
         params = [p + d + 0.02 * g.standard_normal(p.shape) if (name != "frozen" or t >= ANCHORS[1]) else p
                   for (name, _), p, d in zip(LAYERS, params, drift)]
     return out
-
-
-def beta_by_hand(traj: list[list[np.ndarray]]) -> np.ndarray:
-    """§5 in plain loops: per-layer step norms in float64, cumulative share of each piece's length."""
-    K = len(traj) - 1
-    norms = np.array([[math_norm(traj[t + 1][l], traj[t][l]) for l in range(len(LAYERS))] for t in range(K)])
-    beta = np.zeros((K + 1, len(LAYERS)))
-    for a, b in zip(ANCHORS, ANCHORS[1:]):
-        for l in range(len(LAYERS)):
-            total = sum(norms[a:b, l])
-            for t in range(a + 1, b):
-                beta[t, l] = sum(norms[a:t, l]) / total if total > 0 else (t - a) / (b - a)
-    beta[K] = 1.0
-    return beta
-
-
-def math_norm(x: np.ndarray, y: np.ndarray) -> float:
-    d = x.astype(np.float64) - y.astype(np.float64)
-    return float(np.sqrt(np.sum(d * d)))
 
 
 def expected(traj, beta, as_dtype: str) -> np.ndarray:
@@ -109,7 +90,7 @@ def main() -> None:
         write_store(store, dtype, trajs)
         arrays = {"points": np.array(POINTS), "ids": np.array(IDS)}
         for p, traj in enumerate(trajs):
-            beta = beta_by_hand(traj)
+            beta = trajectory_betas(traj, ANCHORS)
             arrays[f"beta_{p}"] = beta
             for as_dtype in (dtype, ALSO_AS[dtype]):
                 arrays[f"theta_{p}_{as_dtype}"] = expected(traj, beta, as_dtype)
