@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import trajstore
+from helpers import run_until_killed
 from spec_reader import trajectory_betas
 from trajstore.cli.main import cli
 from trajstore.distill.data import load_dataset
@@ -104,12 +105,16 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, d
     full, full_legacy, _ = run
     out, legacy = tmp_path / "r.ctraj", tmp_path / "legacy"
 
-    def interrupt(line):
-        if line.startswith("expert 1 epoch 2"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_experts(out, dataset=data, num_experts=2, legacy_dir=legacy, log=interrupt, **TINY)
+    run_until_killed(f"""
+from test_experts import TINY
+from trajstore.distill.data import load_dataset
+from trajstore.distill.experts import train_experts
+def die(line):
+    if line.startswith("expert 1 epoch 2"):
+        os.kill(os.getpid(), signal.SIGKILL)
+train_experts({str(out)!r}, dataset=load_dataset("digits", im_size=(16, 16)).subset(200), num_experts=2,
+              legacy_dir={str(legacy)!r}, log=die, **TINY)
+""")
     with pytest.raises(FormatError, match="unfinished"):
         trajstore.open(out)
     assert len(load_twin(legacy)) == 1
