@@ -122,6 +122,15 @@ OPERATIONS: dict[str, Callable] = {"color": _color, "crop": _crop, "cutout": _cu
                                    "scale": _scale, "rotate": _rotate}
 
 
+def strategy_operations(strategy: str) -> list[str]:
+    """The operations of a strategy like "color_crop_cutout_flip_scale_rotate" ("" or "none": none)."""
+    names = [] if strategy.lower() in ("", "none") else strategy.split("_")
+    unknown = [n for n in names if n not in OPERATIONS]
+    if unknown:
+        raise ValueError(f"unknown DSA operations {unknown} in strategy {strategy!r}; known: {list(OPERATIONS)}")
+    return names
+
+
 def dsa(x: torch.Tensor, seed: int | None, strategy: str = STRATEGY, params: DSAParams = DSAParams(), *,
         batchwise: bool = False) -> torch.Tensor:
     """Apply one randomly chosen operation of `strategy` to a batch (N, C, H, W), differentiably.
@@ -130,10 +139,7 @@ def dsa(x: torch.Tensor, seed: int | None, strategy: str = STRATEGY, params: DSA
     from torch's global generator. batchwise=True gives every image the same parameters, upstream's
     siamese batch mode, so batches of different sizes can share one transform.
     """
-    names = [] if strategy.lower() in ("", "none") else strategy.split("_")
-    unknown = [n for n in names if n not in OPERATIONS]
-    if unknown:
-        raise ValueError(f"unknown DSA operations {unknown} in strategy {strategy!r}; known: {list(OPERATIONS)}")
+    names = strategy_operations(strategy)
     if x.dim() != 4:
         raise ValueError(f"DSA needs a (N, C, H, W) batch, got shape {tuple(x.shape)}")
     if not names:

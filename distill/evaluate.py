@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from trajstore.errors import TrajstoreError
 
-from .augment import seeded_dsa
+from .augment import STRATEGY, seeded_dsa
 from .data import Dataset, load_dataset
 from .networks import build
-from .synset import load_synset, save_grid
+from .synset import load_synset, load_upstream, save_grid
 from .train import accuracy, derived_seed, resolve_device, train_epoch
 
 EPOCHS = 1000
@@ -45,7 +45,7 @@ class EvalResult:
 def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, *, lr: float, num_nets: int = 5,
                     epochs: int | None = None, model: str = "ConvNet", dsa: bool = True, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
-                    batch_size: int = BATCH_SIZE) -> EvalResult:
+                    batch_size: int = BATCH_SIZE, dsa_strategy: str = STRATEGY) -> EvalResult:
     """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set."""
     epochs = EPOCHS if epochs is None else int(epochs)
     if num_nets < 1 or epochs < 0 or not lr > 0:
@@ -65,7 +65,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                 torch.manual_seed(s)
                 net = build(model, dataset.channel, dataset.num_classes, dataset.im_size).to(dev)
             generator = torch.Generator().manual_seed(s)
-            augment = seeded_dsa(generator) if dsa else None
+            augment = seeded_dsa(generator, dsa_strategy) if dsa else None
             rate = float(lr)
             optimizer = torch.optim.SGD(net.parameters(), lr=rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
             for ep in range(epochs + 1):
@@ -130,4 +130,28 @@ def evaluate_random(dataset: str = "digits", *, ipc: int, data_path: str | os.Pa
     if grid is not None:
         save_grid(grid, images, labels, ds, overwrite=overwrite)
     return evaluate_synset(images, labels, ds, lr=lr, num_nets=num_nets, epochs=epochs, model=model, dsa=dsa,
+                           seed=seed, device=device, progress=progress)
+
+
+def evaluate_upstream(path: str | os.PathLike, *, dataset: str = "digits", data_path: str | os.PathLike | None = None,
+                      zca: bool = False, lr: float | None = None, num_nets: int = 5, epochs: int | None = None,
+                      model: str = "ConvNet", dsa: bool = True, seed: int = 0,
+                      device: str | torch.device | None = None, progress: bool = True,
+                      grid: str | os.PathLike | None = None, overwrite: bool = False) -> EvalResult:
+    """Evaluate a set saved the upstream way: `images_X.pt`, `labels_X.pt` and, when present, `lr_X.pt`
+    beside it (distill.synset.load_upstream). `lr` overrides the saved one. The files carry no metadata,
+    so the dataset (and whether the set lives in ZCA space, fitted on the training set as upstream) is named;
+    the image size and channels are the images' own."""
+    images, labels, saved_lr = load_upstream(path)
+    rate = lr if lr is not None else saved_lr
+    if rate is None:
+        raise TrajstoreError("no learned lr beside the images (lr_<same>.pt): pass --lr", path)
+    ds = load_dataset(dataset, data_path=data_path, zca=zca, im_size=tuple(images.shape[-2:]),
+                      channels=images.shape[1])  # the size the set was distilled at
+    if int(labels.max()) >= ds.num_classes:
+        raise TrajstoreError(f"labels go up to {int(labels.max())} but {ds.name} has {ds.num_classes} classes: "
+                             "pass the set's --dataset", path)
+    if grid is not None:
+        save_grid(grid, images, labels, ds, overwrite=overwrite)
+    return evaluate_synset(images, labels, ds, lr=rate, num_nets=num_nets, epochs=epochs, model=model, dsa=dsa,
                            seed=seed, device=device, progress=progress)

@@ -24,7 +24,7 @@ from trajstore.legacy import loading as legacy_loading, validation as legacy_val
 
 from .augment import STRATEGY, seeded_dsa
 from .data import Dataset, load_dataset
-from .networks import ConvNet, config_for
+from .networks import build_spec, config_for
 from .synset import save_figure
 from .train import accuracy, derived_seed, resolve_device, train_epoch
 
@@ -34,7 +34,7 @@ TRAJECTORIES_PER_FILE = 10  # upstream buffer.py's save_interval
 def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
                   epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
-                  dsa: bool = True, zca: bool = False, waypoints: Sequence[int] = (),
+                  weight_decay: float = 0.0, dsa: bool = True, zca: bool = False, waypoints: Sequence[int] = (),
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print) -> Path:
@@ -54,8 +54,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     config = config_for(model, ds.channel, ds.num_classes, ds.im_size)
     architecture = {"name": model, **config.to_json()}
     training = {**ds.meta(), "epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
-                "optimizer": "SGD", "dsa": dsa, "dsa_strategy": STRATEGY if dsa else None, "seed": seed,
-                "num_train": len(ds.train_labels)}
+                "weight_decay": weight_decay, "optimizer": "SGD", "dsa": dsa, "dsa_strategy": STRATEGY if dsa else None,
+                "seed": seed, "num_train": len(ds.train_labels)}
     _check_resumable(out, architecture, training)
     train = ds.train_images.to(dev), ds.train_labels.to(dev)
     test = ds.test_images.to(dev), ds.test_labels.to(dev)
@@ -65,7 +65,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
             log(message)
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
-        layers = trajstore.layer_table(ConvNet(config))
+        layers = trajstore.layer_table(build_spec(config))
     with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         finished = w.existing_experts()
@@ -77,10 +77,10 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                 s = derived_seed(seed, index)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s)
-                    net = ConvNet(config).to(dev)
+                    net = build_spec(config).to(dev)
                 generator = torch.Generator().manual_seed(s)
                 augment = seeded_dsa(generator) if dsa else None
-                optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+                optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
                 # Accuracies are known only at the end; the writer publishes this dict when the expert closes.
                 record = {"seed": s, "device": str(dev), "train_acc": [], "test_acc": [], "train_loss": []}
                 started = time.perf_counter()

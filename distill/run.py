@@ -15,6 +15,8 @@ Output folder:
     checkpoint.pt              the latest resumable state (plain tensors; read with weights_only=True)
     synset_best.safetensors    the best evaluated set so far      } distill.synset format: images,
     synset_final.safetensors   the set after the last iteration   } labels, learned lr, metadata
+    images_best.pt, labels_best.pt, lr_best.pt   the best set as upstream saves it: plain tensors
+    tensorboard/, wandb/       only with logger="tensorboard" / "wandb" (distill.loggers)
     grid_init.png, grid_best.png, grid_final.png   the sets as image grids, one row per class
     accuracy.png               test accuracy (mean +- std) over iterations
     result.json                written last: its presence marks a finished run
@@ -25,6 +27,7 @@ Every file is written atomically, so a kill at any moment leaves the previous st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -42,14 +45,16 @@ import trajstore
 from trajstore.stores import atomic
 from trajstore.errors import ExistsError, FormatError, TrajstoreError
 
-from .augment import dsa
+from . import loggers
+from .augment import STRATEGY, dsa, strategy_operations
 from .data import Dataset, load_dataset
 from .evaluate import EvalResult, evaluate_synset
 from .matching import MEMORY_MODES, MatchConfig, Matcher, SyntheticSet
 from .networks import FunctionalNet, build
 from .presets import get_preset
+from .subsets import expert_subset
 from .sources import ConvexifiedSource, LegacySource, TrajectorySource, check_zca
-from .synset import save_figure, save_grid, save_synset
+from .synset import save_figure, save_grid, save_synset, save_upstream
 from .train import resolve_device
 
 METHODS = ("mct", "mtt")
@@ -98,6 +103,7 @@ class DistillConfig:
     discrete: bool = False
     memory: str = "plain"
     dsa: bool = True
+    dsa_strategy: str = STRATEGY
     zca: bool | None = None
     dataset: str | None = None
     data_path: str | None = None
@@ -106,6 +112,8 @@ class DistillConfig:
     channels: int | None = None
     device: str | None = None
     seed: int = 0
+    max_experts: int | None = None
+    max_files: int | None = None
     preset: str | None = None
 
     def __post_init__(self):
@@ -124,6 +132,12 @@ class DistillConfig:
             raise TrajstoreError(f"need ipc, iterations, eval_nets, checkpoint_every >= 1 and eval_every, "
                                  f"eval_epochs >= 0 (got {counts}, eval_every={self.eval_every}, "
                                  f"eval_epochs={self.eval_epochs})")
+        if any(v is not None and v < 1 for v in (self.max_experts, self.max_files)):
+            raise TrajstoreError(f"max_experts and max_files must be >= 1 (got {self.max_experts}, {self.max_files})")
+        try:
+            strategy_operations(self.dsa_strategy)
+        except ValueError as exc:
+            raise TrajstoreError(f"dsa_strategy: {exc}") from None
         if self.lr_teacher is not None and not self.lr_teacher > 0:
             raise TrajstoreError(f"lr_teacher={self.lr_teacher} must be > 0")
         self.match_config()  # its own checks of syn_steps, batch_syn, lr_img, lr_lr
@@ -212,11 +226,13 @@ def method_for(path: str | os.PathLike, method: str | None = None) -> str:
     return method or ("mct" if kind_of(path) == "ctraj" else "mtt")
 
 
-def open_experts(path: str | os.PathLike, method: str | None = None, *, model: str | None = None) -> Experts:
+def open_experts(path: str | os.PathLike, method: str | None = None, *, model: str | None = None,
+                 max_experts: int | None = None, max_files: int | None = None) -> Experts:
     """The trajectory source at `path`: a .ctraj for MCT, a legacy buffer or packed archive for MTT.
 
     `method` None picks by what the path is (see `method_for`). `model` names a legacy buffer's tensors
-    (they carry no names; by default they are inferred from their shapes).
+    (they carry no names; by default they are inferred from their shapes). `max_experts` / `max_files`
+    restrict the experts as upstream's flags do (see distill.subsets).
     """
     from trajstore.tools.convert import open_source
     from trajstore.tools.inspect import kind_of
@@ -231,14 +247,14 @@ def open_experts(path: str | os.PathLike, method: str | None = None, *, model: s
             raise TrajstoreError(f"MCT distills from a .ctraj but this is a {kind} buffer: convert it first "
                                  f"(`trajstore convert {path} OUT.ctraj`) or use --method mtt", path)
         store = trajstore.open(path)
-        return Experts(ConvexifiedSource(store), method, path, dict(store.training), store.architecture,
-                       store.layers, store.nbytes)
+        return Experts(ConvexifiedSource(expert_subset(store, max_experts, max_files)), method, path,
+                       dict(store.training), store.architecture, store.layers, store.nbytes)
     if kind == "ctraj":
         raise TrajstoreError("classic MTT reads the stored epochs of a legacy buffer or packed archive, but "
                              "this is a .ctraj (convexified): use --method mct", path)
     buffer = open_source(path, architecture=model)
-    return Experts(LegacySource(buffer, path), method, path, dict(buffer.training or {}), buffer.architecture,
-                   buffer.layers, buffer.nbytes)
+    return Experts(LegacySource(expert_subset(buffer, max_experts, max_files), path), method, path,
+                   dict(buffer.training or {}), buffer.architecture, buffer.layers, buffer.nbytes)
 
 
 def default_out_dir(config: DistillConfig) -> Path:
@@ -262,7 +278,8 @@ class _Setup:
 
 def _setup(config: DistillConfig) -> _Setup:
     """Open the experts, settle what the metadata decides, load the data; refuse inconsistencies."""
-    experts = open_experts(config.source, config.method, model=config.model)
+    experts = open_experts(config.source, config.method, model=config.model, max_experts=config.max_experts,
+                           max_files=config.max_files)
     training, arch = experts.training, experts.architecture or {}
     zca = bool(training.get("zca", False)) if config.zca is None else config.zca
     check_zca(training, zca, experts.path)
@@ -387,13 +404,15 @@ def plot_accuracy(runs: dict[str, list[dict]], png: str | os.PathLike, *, title:
 
 
 def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool = True, overwrite: bool = False,
-            progress: bool = True, log: Callable[[str], object] = print) -> DistillResult:
+            progress: bool = True, log: Callable[[str], object] = print, logger: str | None = None) -> DistillResult:
     """Run (or resume) the distillation `config` describes, writing the folder described above.
 
     An unfinished run in `out_dir` is resumed when `resume` (same settings required); a finished one
-    is replaced only with `overwrite`.
+    is replaced only with `overwrite`. `logger` ("tensorboard" or "wandb", see distill.loggers) also
+    receives every metrics.jsonl record.
     """
     began = time.perf_counter()
+    loggers.require(logger)
     out = Path(out_dir)
     setup = _setup(config)
     experts, ds = setup.experts, setup.dataset
@@ -409,7 +428,7 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
     synset = _initial_set(config, setup, rng, device)
     student = FunctionalNet(build(setup.model, ds.channel, ds.num_classes, ds.im_size))
     matcher = Matcher(experts.source, synset, student, config.match_config(), rng=rng,
-                      augment=dsa if config.dsa else None)
+                      augment=functools.partial(dsa, strategy=config.dsa_strategy) if config.dsa else None)
     meta = {"model": setup.model, "method": experts.method, "source": str(experts.path),
             "distill": config.to_json()}
 
@@ -417,6 +436,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
         save_synset(out / name, images, synset.labels, lr=lr, meta={**meta, **extra}, dataset=ds, overwrite=True)
         save_grid(out / name.replace("synset_", "grid_").replace(".safetensors", ".png"), images, synset.labels,
                   ds, overwrite=True)
+        if name == BEST:  # upstream's plain-tensor files too, for scripts that read them
+            save_upstream(out, images, synset.labels, lr, "best")
 
     evals: list[dict] = []
     best: dict | None = None
@@ -435,6 +456,7 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
             f"{ds.name} {ds.channel}x{ds.im_size[0]}x{ds.im_size[1]}, {setup.model}, ipc {config.ipc}, "
             f"{config.iterations} iterations on {device}")
     metrics = open(out / METRICS, "ab")
+    sink = loggers.open_logger(logger, out, config.to_json())
 
     def checkpoint() -> None:
         metrics.flush()
@@ -444,6 +466,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
 
     def write(record: dict) -> None:
         metrics.write((json.dumps(record) + "\n").encode())
+        if sink is not None:
+            sink.log(record)
 
     def due(i: int) -> bool:
         return i == config.iterations or (config.eval_every > 0 and i % config.eval_every == 0)
@@ -454,6 +478,7 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
         lr = synset.syn_lr.item()
         result = evaluate_synset(synset.images, synset.labels, ds, lr=lr, num_nets=config.eval_nets,
                                  epochs=config.eval_epochs, model=setup.model, dsa=config.dsa, seed=config.seed,
+                                 dsa_strategy=config.dsa_strategy,
                                  device=device, progress=False)
         record = {"kind": "eval", "iteration": i, "mean": result.mean, "std": result.std,
                   "accuracies": list(result.accuracies), "syn_lr": lr, "seconds": time.perf_counter() - t0}
@@ -488,6 +513,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
                     checkpoint()
     finally:
         metrics.close()
+        if sink is not None:
+            sink.close()
 
     final_eval = evals[-1]
     save_set(FINAL, synset.images, final_eval["syn_lr"], {"iteration": config.iterations,

@@ -9,6 +9,7 @@ channel, num_classes, zca, ipc, mean, std, provenance and whatever else the writ
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import os
@@ -16,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
@@ -31,6 +31,8 @@ from .zca import STATE_KEYS, ZCA
 META_KEY = "trajstore_synset"
 SYNSET_VERSION = 1
 REQUIRED = ("dataset", "im_size", "zca", "ipc")
+GRID_SIDE = 64  # grid tiles are enlarged (pixel repetition) until their longer side reaches this
+GRID_PAD = 2
 
 
 @dataclass
@@ -152,32 +154,91 @@ def save_figure(fig, png: str | os.PathLike, *, overwrite: bool = False, dpi: in
 def save_grid(png_path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor,
               dataset_or_unwhitener: Dataset | SynSet | Callable[[torch.Tensor], torch.Tensor], *,
               class_names: Sequence[str] | None = None, overwrite: bool = False) -> Path:
-    """One row per class, its images side by side, un-whitened / un-normalised for viewing."""
-    from matplotlib.figure import Figure
+    """One row per class (in class order, its images side by side), un-whitened / un-normalised, then each
+    image stretched to its own min..max (torchvision's `make_grid(normalize=True, scale_each=True)`, as
+    upstream draws its sets) so that low-contrast distilled images are not clipped into flat blocks.
+    Small images are enlarged by pixel repetition. `class_names` is accepted for callers that pass it;
+    the rows are in class order."""
+    from torchvision.utils import make_grid, save_image
 
     viewer = dataset_or_unwhitener
     view = viewer.to_viewable if hasattr(viewer, "to_viewable") else viewer
-    class_names = class_names or getattr(viewer, "class_names", None)
-    pictures = view(images).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # N, H, W, C
+    pictures = view(images.detach().cpu().float()).float()
     labels = labels.detach().cpu().long()
+    if pictures.dim() != 4 or len(pictures) != len(labels) or len(labels) == 0:
+        raise InvalidTensorError(f"expected images (N, C, H, W) and labels (N,), got {tuple(pictures.shape)} "
+                                 f"and {tuple(labels.shape)}", png_path)
+    factor = max(1, math.ceil(GRID_SIDE / max(pictures.shape[-2:])))
+    pictures = pictures.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
     classes = sorted(set(labels.tolist()))
     cols = max(int((labels == c).sum()) for c in classes)
-    n, h, w, ch = pictures.shape
-    pad = 1
-    grid = np.ones(((h + pad) * len(classes) + pad, (w + pad) * cols + pad, ch), dtype=np.float32)
-    for row, c in enumerate(classes):
-        for col, i in enumerate(torch.nonzero(labels == c).flatten().tolist()):
-            y, x = pad + row * (h + pad), pad + col * (w + pad)
-            grid[y:y + h, x:x + w] = pictures[i]
-    scale = max(1.0, 96 / max(h, w))  # small images are drawn larger
-    fig = Figure(figsize=(max(3.0, grid.shape[1] * scale / 100 + 1.2), max(2.0, grid.shape[0] * scale / 100 + 0.6)))
-    ax = fig.subplots()
-    ax.imshow(grid.squeeze(-1) if ch == 1 else grid, cmap="gray" if ch == 1 else None, interpolation="nearest")
-    ax.set_xticks([])
-    step = max(1, len(classes) // 40)
-    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(0, len(classes), step)])
-    ax.set_yticklabels([class_names[classes[r]] if class_names else str(classes[r])
-                        for r in range(0, len(classes), step)], fontsize=7)
-    ax.set_title(f"{len(classes)} classes, up to {cols} per class", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, png_path, overwrite=overwrite, dpi=100)
+    rows = [make_grid(pictures[labels == c], nrow=cols, padding=GRID_PAD, normalize=True, scale_each=True,
+                      pad_value=1.0) for c in classes]
+    canvas = torch.ones(3, sum(r.shape[1] for r in rows), max(r.shape[2] for r in rows))
+    y = 0
+    for row in rows:  # a class with fewer images leaves white space at the end of its row
+        canvas[:, y:y + row.shape[1], :row.shape[2]] = row
+        y += row.shape[1]
+    png = Path(png_path)
+    tmp = atomic.temp_sibling(png)
+    try:
+        save_image(canvas, tmp, format="png")
+        atomic.publish_file(tmp, png, overwrite=overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return png
+
+
+def save_upstream(out_dir: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                  tag: str) -> list[Path]:
+    """Upstream's `images_{tag}.pt`, `labels_{tag}.pt`, `lr_{tag}.pt` (docs/legacy-formats.md §2): plain
+    tensors on the CPU (float32 images, int64 labels, a 0-d float32 lr), each written atomically."""
+    out = Path(out_dir)
+    written = []
+    for name, tensor in ((f"images_{tag}.pt", images.detach().to("cpu", torch.float32)),
+                         (f"labels_{tag}.pt", labels.detach().to("cpu", torch.int64)),
+                         (f"lr_{tag}.pt", torch.tensor(float(lr), dtype=torch.float32))):
+        buf = io.BytesIO()
+        torch.save(tensor.contiguous().clone(), buf)
+        atomic.write_bytes(out / name, buf.getvalue(), overwrite=True)
+        written.append(out / name)
+    return written
+
+
+def upstream_siblings(images_path: str | os.PathLike) -> tuple[Path, Path]:
+    """The labels and lr files beside an upstream images file: images_X.pt -> labels_X.pt, lr_X.pt."""
+    path = Path(images_path)
+    if not (path.name.startswith("images") and path.suffix == ".pt"):
+        raise FormatError("an upstream set is read from its images file (images_best.pt, images_<it>.pt, ...), "
+                          "with labels_<same>.pt beside it", path)
+    rest = path.name[len("images"):]
+    return path.with_name("labels" + rest), path.with_name("lr" + rest)
+
+
+def load_upstream(images_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(images, labels, lr or None) of a set saved the upstream way: `images_X.pt` and `labels_X.pt`
+    (plain tensors) and, where present, `lr_X.pt` (a 0-d tensor or a float). Loaded with weights_only=True."""
+    from trajstore.legacy.loading import load
+
+    path = Path(images_path)
+    labels_path, lr_path = upstream_siblings(path)
+    images, _ = load(path, quiet=True)
+    labels, _ = load(labels_path, quiet=True)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise FormatError("expected one float tensor of images (N, C, H, W)", path)
+    if (not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point()
+            or labels.is_complex() or len(labels) != len(images) or len(labels) == 0):
+        raise FormatError(f"expected one integer tensor of {len(images)} labels", labels_path)
+    if not torch.isfinite(images).all():
+        raise FormatError("the images hold NaN or infinite values", path)
+    if labels.min() < 0:
+        raise FormatError("labels must be class indices >= 0", labels_path)
+    lr = None
+    if lr_path.exists():
+        value, _ = load(lr_path, quiet=True)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise FormatError("expected the learned learning rate: one positive number", lr_path)
+        lr = float(value)
+    return images.float().clone(), labels.long().clone(), lr

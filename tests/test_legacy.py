@@ -9,7 +9,8 @@ from helpers import random_walk
 
 import trajstore
 from trajstore.distill.networks import build
-from trajstore.architectures.convnet import ConvNetSpec, infer, name_tensors, spec_for
+from trajstore.architectures import infer, name_tensors
+from trajstore.architectures.convnet import ConvNetSpec, spec_for
 from trajstore.tools.inspect import mtt_nbytes
 from trajstore.legacy import open_buffer
 
@@ -61,6 +62,8 @@ def test_a_named_architecture_must_fit():
     with pytest.raises(trajstore.FormatError, match="ConvNetD5"):
         name_tensors(shapes, "ConvNetD5")
     with pytest.raises(trajstore.FormatError, match="unknown model"):
+        name_tensors(shapes, "ResNet19")
+    with pytest.raises(trajstore.FormatError, match="shapes of ResNet18"):  # a network, but not this one
         name_tensors(shapes, "ResNet18")
     with pytest.raises(trajstore.FormatError, match="2 names were given"):
         name_tensors(shapes, ["a", "b"])

@@ -14,7 +14,8 @@ from trajstore.cli.options import epoch_list
 @click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: start and end only).")
 @click.option("--smooth", is_flag=True, help="Smooth inner and end anchors as the official MCT code does.")
 @click.option("--single-file", is_flag=True, help="Write the single-file (zip) form.")
-@click.option("--arch", help="Architecture naming the tensors: ConvNet, ConvNetD4, ConvNetBN, ... (default: inferred).")
+@click.option("--model", "--arch", "arch", help="Network naming the tensors: ConvNet, ConvNetD4, ResNet18, VGG11, ... "
+              "(default: recognised from the shapes; name it where several networks fit).")
 @click.option("--kind", help="Which buffer of a directory holding several, e.g. convexified_replay_buffer.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
+from trajstore.cli.options import DISTILL_ALIASES, UpstreamCommand, upstream_expert_dir
 
 
 def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -19,8 +20,10 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     return (sides[0], sides[-1])
 
 
-@cli.command("distill")
-@click.argument("source", type=click.Path())
+@cli.command("distill", cls=UpstreamCommand, upstream=DISTILL_ALIASES)
+@click.argument("source", required=False, type=click.Path())
+@click.option("--config", "config_path", type=click.Path(),
+              help="Replay the settings of a run (its config.json or folder); flags given explicitly override them.")
 @click.option("--method", type=click.Choice(["mct", "mtt"]),
               help="mct (a .ctraj) or mtt (a legacy buffer or packed archive); default: by what SOURCE is.")
 @click.option("--preset", help="Published settings, e.g. cifar10-ipc10, cifar100-ipc1, tinyimagenet-ipc50; "
@@ -45,6 +48,17 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--memory", type=click.Choice(["plain", "constant"]), help="constant: recompute each student "
               "step in the backward pass, so memory does not grow with N [plain].")
 @click.option("--zca/--no-zca", default=None, help="ZCA-whiten the data [as the experts were trained].")
+@click.option("--dsa/--no-dsa", default=None, help="Differentiable siamese augmentation of the synthetic images "
+              "during matching and evaluation [on].")
+@click.option("--dsa-strategy", help="DSA operations, e.g. color_crop_cutout_flip_scale_rotate (upstream's default).")
+@click.option("--max-experts", type=click.IntRange(min=1), help="Use only the first this many experts of each file "
+              "(a .ctraj: of each group of 10) [all].")
+@click.option("--max-files", type=click.IntRange(min=1), help="Use only the first this many files (groups of 10) "
+              "of experts [all].")
+@click.option("--buffer-path", hidden=True, help="Upstream's --buffer_path: with no SOURCE, read "
+              "{buffer_path}/{dataset}[_NO_ZCA]/{model} as upstream does.")
+@click.option("--logger", type=click.Choice(["tensorboard", "wandb"]), help="Also log metrics to TensorBoard or "
+              "to wandb (offline unless WANDB_MODE says otherwise); the package must be installed.")
 @click.option("--dataset", help="Dataset [recorded in SOURCE]: digits, cifar10, cifar100, tinyimagenet, ...")
 @click.option("--data-path", type=click.Path(), help="Where the dataset's files are (not needed for digits).")
 @click.option("--model", help="Network [recorded in SOURCE, else ConvNet].")
@@ -53,12 +67,26 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--out", type=click.Path(), help="Output folder [<SOURCE name>-<method>-ipc<ipc>].")
 @click.option("--force", is_flag=True, help="Replace a finished (or unfinished) run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-evaluation lines.")
-def distill_command(source, preset, out, force, quiet, **settings):
-    """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run."""
+def distill_command(source, config_path, buffer_path, logger, preset, out, force, quiet, **settings):
+    """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run.
+
+    MTT-family spellings work too (--syn_steps, --Iteration, --dsa False, --buffer_path, ...): see
+    docs/integrations.md."""
     from trajstore.distill.run import DistillConfig, default_out_dir, distill
 
-    config = DistillConfig.from_preset(source, preset, **settings)
+    if source is None and buffer_path is not None:
+        source = upstream_expert_dir(buffer_path, settings["dataset"] or "CIFAR10", bool(settings["zca"]),
+                                     settings["model"] or "ConvNet")
+    if config_path is not None:
+        from trajstore.distill.replay import replayed_config
+
+        config = replayed_config(config_path, source, preset, **settings)
+    elif source is None:
+        raise click.UsageError("give SOURCE (a .ctraj, legacy buffer or archive), --buffer_path, or --config")
+    else:
+        config = DistillConfig.from_preset(source, preset, **settings)
     out = out or default_out_dir(config)
-    result = distill(config, out, overwrite=force, progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    result = distill(config, out, overwrite=force, progress=not quiet, log=(lambda _: None) if quiet else click.echo,
+                     logger=logger)
     click.echo(f"final set: {result.final_path} (test accuracy {result.final})")
     click.echo(f"best set:  {result.best_path} (test accuracy {result.best}, iteration {result.best_iteration})")

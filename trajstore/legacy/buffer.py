@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..architectures.convnet import name_tensors
+from ..architectures import name_tensors
 from ..errors import FormatError, OutOfRangeError
 from ..format.layers import DTYPE_NAMES, Layer, layer_table
 from . import loading
