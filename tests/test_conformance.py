@@ -51,8 +51,13 @@ def test_spec_reader_reproduces_the_numpy_expected_values(dtype, as_dtype):
             assert_same_bits(flat, want[f"theta_{p}_{as_dtype}"][row], f"spec reader, expert {p}, c={c}")
 
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,as_dtype", CASES)
-def test_trajstore_gives_the_expected_values_bit_for_bit(dtype, as_dtype):
+def test_trajstore_gives_the_expected_values_bit_for_bit(dtype, as_dtype, device):
     import trajstore
 
     store, want = trajstore.open(GOLDEN / f"{dtype.lower()}.ctraj"), expected(dtype)
@@ -62,10 +67,11 @@ def test_trajstore_gives_the_expected_values_bit_for_bit(dtype, as_dtype):
         e = store.expert(p)
         np.testing.assert_allclose(e.beta, want[f"beta_{p}"], rtol=1e-13, atol=0)
         for row, c in enumerate(want["points"]):
-            flat = e.at(float(c), flat=True, dtype=request)
-            assert flat.dtype == TORCH[as_dtype]
+            flat = e.at(float(c), flat=True, dtype=request, device=device)
+            assert flat.dtype == TORCH[as_dtype] and flat.device.type == device
+            flat = flat.cpu()
             assert_same_bits(torch_bits(flat, as_dtype), want[f"theta_{p}_{as_dtype}"][row], f"expert {p}, c={c}")
-            layers = e.at(float(c), dtype=request)  # the dict form computes the same numbers
+            layers = {k: v.cpu() for k, v in e.at(float(c), dtype=request, device=device).items()}  # dict form
             joined = torch.cat([layers[name].reshape(-1) for name, _ in make_golden.LAYERS])
             assert_same_bits(torch_bits(joined, as_dtype), want[f"theta_{p}_{as_dtype}"][row], f"dict, c={c}")
 
