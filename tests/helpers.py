@@ -37,7 +37,11 @@ def run_until_killed(code: str) -> None:
     import sys
     from pathlib import Path
 
+    import torch
+
     tests = Path(__file__).resolve().parent
-    prelude = f"import os, signal, sys\nsys.path.insert(0, {str(tests)!r})\n"
+    # the same intra-op thread count as this process: reductions, and so the last bits, depend on it
+    prelude = (f"import os, signal, sys\nsys.path.insert(0, {str(tests)!r})\n"
+               f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n")
     proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=tests.parent, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

@@ -218,10 +218,11 @@ def test_flat_into_preallocated_out(store):
 def test_experts_are_enumerated_by_id_ignoring_hidden_and_other_entries(tmp_path):
     from spec_reader import SpecStore
 
-    trajs = {5: random_walk(seed=5), 2: random_walk(seed=2), 10: random_walk(seed=10)}
+    # written out of order, with gaps, and with a 7-digit id that sorts before 200000 as a string
+    trajs = {5: random_walk(seed=5), 1_000_000: random_walk(seed=1), 2: random_walk(seed=2), 200_000: random_walk(seed=3)}
     path = tmp_path / "ids.ctraj"
     with trajstore.create(path, SMALL_LAYERS, 11, waypoints=(4,)) as w:
-        for expert_id, traj in trajs.items():  # written out of order, with gaps
+        for expert_id, traj in trajs.items():
             w.write_expert(traj, index=expert_id)
     experts = path / "experts"
     for junk in (".tmp-000003-1a2b3c4d", "notes", "000004"):  # a writer's leftover, a non-digit name, no zarr.json
@@ -230,8 +231,10 @@ def test_experts_are_enumerated_by_id_ignoring_hidden_and_other_entries(tmp_path
     (experts / "notes" / "zarr.json").write_text("{}")
     (experts / "README").write_text("not an expert")
     r = trajstore.open(path)
-    assert r.expert_ids == [2, 5, 10] and len(r) == 3 and SpecStore(path).ids == [2, 5, 10]
-    for position, expert_id in enumerate([2, 5, 10]):  # the position is the index in id order
+    ids = [2, 5, 200_000, 1_000_000]
+    assert (experts / "1000000").is_dir() and (experts / "200000").is_dir()
+    assert r.expert_ids == ids and len(r) == 4 and SpecStore(path).ids == ids
+    for position, expert_id in enumerate(ids):  # the position is the index in id order
         e = r.expert(position)
         assert (e.position, e.id) == (position, expert_id)
         assert all(torch.equal(e.anchor(4)[n], t) for (n, _), t in zip(SMALL_LAYERS, trajs[expert_id][4]))
