@@ -1,6 +1,10 @@
 """Interpolation: `Expert.at(c, flat=True)` against a plain copy of the same bytes (the bandwidth floor).
 
-    python -m benchmarks.bench_interpolation [--width 128] [--out benchmarks/results/interpolation.json]
+    python -m benchmarks.bench_interpolation [--width 128] [--device cpu|cuda] [--out benchmarks/results/interpolation.json]
+
+The three operations take turns within every round (interleaved), so the ratios are fair on a shared
+machine. A point reads two anchors and writes one vector: 1.5x the bytes of the copy. One torch.lerp
+over the whole vector (`lerp_one_call`, no per-layer work at all) is timed as the kernel's own floor.
 """
 
 from __future__ import annotations
@@ -13,25 +17,35 @@ from pathlib import Path
 import torch
 
 import trajstore
-from benchmarks.common import timeit, write_result
+import trajstore.format.beta
+from benchmarks.common import add_device_option, check_device, timeit_interleaved, write_result
 from benchmarks.synthetic import convnet_layers, write_pair
 
 
 def measure(expert, num_params: int, device: str, repeat: int) -> dict:
-    sync = device.startswith("cuda")
     rng = random.Random(0)
     expert.at(1.5, flat=True, device=device)  # first touch: anchors mapped / copied to the device
-    at = timeit(lambda: expert.at(rng.uniform(0, expert.num_timesteps - 1), flat=True, device=device),
-                repeat=repeat, sync=sync)
+    last = expert.num_timesteps - 1
     buf = torch.empty(num_params, device=device)
-    at_out = timeit(lambda: expert.at(rng.uniform(0, expert.num_timesteps - 1), flat=True, device=device, out=buf),
-                    repeat=repeat, sync=sync)
-    src = torch.randn(num_params, device=device)
+    src, other = torch.randn(num_params, device=device), torch.randn(num_params, device=device)
     dst = torch.empty_like(src)
-    copy = timeit(lambda: dst.copy_(src), repeat=repeat, sync=sync)
-    return {"at_flat": at, "at_flat_into_out": at_out, "copy_same_bytes": copy,
-            "ratio_at_over_copy": at["median_s"] / copy["median_s"],
-            "ratio_at_out_over_copy": at_out["median_s"] / copy["median_s"],
+    t = timeit_interleaved({
+        "at_flat": lambda: expert.at(rng.uniform(0, last), flat=True, device=device),
+        "at_flat_into_out": lambda: expert.at(rng.uniform(0, last), flat=True, device=device, out=buf),
+        "lerp_one_call": lambda: torch.lerp(src, other, 0.3, out=dst),
+        "copy_same_bytes": lambda: dst.copy_(src),
+    }, repeat=repeat, sync=device.startswith("cuda"))
+    copy = t["copy_same_bytes"]["median_s"]
+    # The fast path must give the per-layer torch.lerp of docs/format.md §7 bit for bit on this device.
+    c = 0.37 * last
+    piece, ws = trajstore.format.beta.piece_weights(expert.beta, expert.anchor_epochs, c)
+    anchors = [expert.anchor(expert.anchor_epochs[piece + k], device=device) for k in (0, 1)]
+    reference = torch.cat([torch.lerp(anchors[0][n], anchors[1][n], float(w)).reshape(-1)
+                           for n, w in zip(anchors[0], ws)])
+    return {**t, "bit_identical_to_per_layer_lerp": bool(torch.equal(expert.at(c, flat=True, device=device),
+                                                                      reference)), "ratio_at_over_copy": t["at_flat"]["median_s"] / copy,
+            "ratio_at_out_over_copy": t["at_flat_into_out"]["median_s"] / copy,
+            "ratio_lerp_one_call_over_copy": t["lerp_one_call"]["median_s"] / copy,
             "bytes": num_params * 4}
 
 
@@ -42,16 +56,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 gives stable timings on a shared machine")
     p.add_argument("--repeat", type=int, default=200)
+    add_device_option(p)
     p.add_argument("--out", default="benchmarks/results/interpolation.json")
     args = p.parse_args(argv)
+    device = check_device(args.device)
     torch.set_num_threads(args.threads)
     layers = convnet_layers(width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
         _, path = write_pair(Path(tmp), layers, experts=1, num_timesteps=args.timesteps, waypoints=())
         r = trajstore.open(path)
-        results = {"cpu": measure(r.expert(0), r.num_params, "cpu", args.repeat)}
-        if torch.cuda.is_available():
-            results["cuda"] = measure(r.expert(0), r.num_params, "cuda", args.repeat)
+        results = {device.split(":")[0]: measure(r.expert(0), r.num_params, device, args.repeat)}
     return write_result(args.out, "interpolation", vars(args) | {"num_params": r.num_params}, results)
 
 

@@ -46,6 +46,38 @@ def timeit(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, sync:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeat": repeat}
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], object]], *, repeat: int = 20, warmup: int = 2,
+                       sync: bool = False) -> dict[str, dict]:
+    """timeit for several functions, taking turns within every round, so load from other jobs on a
+    shared machine falls on all of them alike and their ratios stay fair."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeat": repeat}
+            for name, t in times.items()}
+
+
+def add_device_option(parser) -> None:
+    """--device: where a benchmark runs ("cpu" or "cuda"; the GPU check passes cuda)."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here")
+    return device
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far.
 

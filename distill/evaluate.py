@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from trajstore.errors import TrajstoreError
 
 from .augment import STRATEGY, seeded_dsa
+from .batched import NetStack, stackable
 from .data import Dataset, load_dataset
 from .networks import build
 from .synset import load_synset, load_upstream, save_grid
@@ -45,8 +46,15 @@ class EvalResult:
 def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, *, lr: float, num_nets: int = 5,
                     epochs: int | None = None, model: str = "ConvNet", dsa: bool = True, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
-                    batch_size: int = BATCH_SIZE, dsa_strategy: str = STRATEGY) -> EvalResult:
-    """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set."""
+                    batch_size: int = BATCH_SIZE, dsa_strategy: str = STRATEGY,
+                    together: bool | None = None) -> EvalResult:
+    """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set.
+
+    together: train the networks at once as one stacked network (`batched.NetStack`; same protocol,
+    same draws per network, same accuracies up to float rounding) or one by one. None: together on
+    a GPU, where one small network leaves it mostly idle, and one by one on the CPU, where stacking
+    does not pay (see benchmarks/RESULTS.md). Networks with batch norm are always trained one by one.
+    """
     epochs = EPOCHS if epochs is None else int(epochs)
     if num_nets < 1 or epochs < 0 or not lr > 0:
         raise TrajstoreError(f"need num_nets >= 1, epochs >= 0 and lr > 0 (got {num_nets}, {epochs}, {lr})")
@@ -56,29 +64,57 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
     dev = resolve_device(device)
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.int64)
     test_images, test_labels = dataset.test_images.to(dev), dataset.test_labels.to(dev)
-    decay_after = epochs // 2 + 1
-    accuracies = []
+    nets, generators = [], []
+    for k in range(num_nets):
+        s = derived_seed(seed, k)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            nets.append(build(model, dataset.channel, dataset.num_classes, dataset.im_size).to(dev))
+        generators.append(torch.Generator().manual_seed(s))
+    augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
+    if together is None:
+        together = dev.type == "cuda"
+    schedule = _Schedule(float(lr), epochs)
     with tqdm(total=num_nets * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
-        for k in range(num_nets):
-            s = derived_seed(seed, k)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                net = build(model, dataset.channel, dataset.num_classes, dataset.im_size).to(dev)
-            generator = torch.Generator().manual_seed(s)
-            augment = seeded_dsa(generator, dsa_strategy) if dsa else None
-            rate = float(lr)
-            optimizer = torch.optim.SGD(net.parameters(), lr=rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        if together and stackable(nets[0]):
+            stack = NetStack(nets)
+            optimizer = schedule.optimizer(stack.parameters())
             for ep in range(epochs + 1):
-                train_epoch(net, images, labels, optimizer=optimizer, batch_size=batch_size, augment=augment,
-                            device=dev, generator=generator)
-                if ep == decay_after:
-                    rate *= 0.1
-                    optimizer = torch.optim.SGD(net.parameters(), lr=rate, momentum=MOMENTUM,
-                                                weight_decay=WEIGHT_DECAY)
-                bar.update()
-            accuracies.append(accuracy(net, test_images, test_labels, device=dev))
-            bar.set_postfix(last=f"{100 * accuracies[-1]:.2f}%")
+                stack.train_epoch(images, labels, optimizer=optimizer, batch_size=batch_size,
+                                  generators=generators, augments=augments, device=dev)
+                optimizer = schedule.after_epoch(ep, stack.parameters(), optimizer)
+                bar.update(num_nets)
+            accuracies = stack.accuracy(test_images, test_labels, device=dev)
+        else:
+            accuracies = []
+            for k, net in enumerate(nets):
+                optimizer = schedule.optimizer(net.parameters())
+                for ep in range(epochs + 1):
+                    train_epoch(net, images, labels, optimizer=optimizer, batch_size=batch_size,
+                                augment=augments[k] if dsa else None, device=dev, generator=generators[k])
+                    optimizer = schedule.after_epoch(ep, net.parameters(), optimizer)
+                    bar.update()
+                accuracies.append(accuracy(net, test_images, test_labels, device=dev))
+                bar.set_postfix(last=f"{100 * accuracies[-1]:.2f}%")
     return EvalResult(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies))
+
+
+class _Schedule:
+    """The protocol's SGD: lr, momentum 0.9, weight decay 5e-4; after pass epochs // 2 + 1 a fresh
+    optimizer at a tenth of the lr (as upstream)."""
+
+    def __init__(self, lr: float, epochs: int):
+        self.rate = lr
+        self.decay_after = epochs // 2 + 1
+
+    def optimizer(self, params) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=self.rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def after_epoch(self, ep: int, params, optimizer: torch.optim.SGD) -> torch.optim.SGD:
+        if ep != self.decay_after:
+            return optimizer
+        return torch.optim.SGD(params, lr=optimizer.param_groups[0]["lr"] * 0.1, momentum=MOMENTUM,
+                               weight_decay=WEIGHT_DECAY)
 
 
 def random_subset(dataset: Dataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +136,8 @@ def random_subset(dataset: Dataset, ipc: int, seed: int) -> tuple[torch.Tensor, 
 def evaluate_file(path: str | os.PathLike, *, data_path: str | os.PathLike | None = None, num_nets: int = 5,
                   epochs: int | None = None, model: str | None = None, dsa: bool = True, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
-                  grid: str | os.PathLike | None = None, overwrite: bool = False) -> EvalResult:
+                  grid: str | os.PathLike | None = None, overwrite: bool = False,
+                  together: bool | None = None) -> EvalResult:
     """Evaluate a distilled-set file on the test set of the data it was distilled from.
 
     The test set is whitened with the file's own ZCA state, so it matches the set exactly. model
@@ -116,28 +153,30 @@ def evaluate_file(path: str | os.PathLike, *, data_path: str | os.PathLike | Non
         save_grid(grid, syn.images, syn.labels, syn, class_names=dataset.class_names, overwrite=overwrite)
     return evaluate_synset(syn.images, syn.labels, dataset, lr=syn.lr, num_nets=num_nets, epochs=epochs,
                            model=model or meta.get("model", "ConvNet"), dsa=dsa, seed=seed, device=device,
-                           progress=progress)
+                           progress=progress, together=together)
 
 
 def evaluate_random(dataset: str = "digits", *, ipc: int, data_path: str | os.PathLike | None = None,
                     zca: bool = False, lr: float = BASELINE_LR, num_nets: int = 5, epochs: int | None = None,
                     model: str = "ConvNet", dsa: bool = True, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
-                    grid: str | os.PathLike | None = None, overwrite: bool = False) -> EvalResult:
+                    grid: str | os.PathLike | None = None, overwrite: bool = False,
+                    together: bool | None = None) -> EvalResult:
     """The "Random" baseline: a random real subset of ipc images per class, evaluated like a distilled set."""
     ds = load_dataset(dataset, data_path=data_path, zca=zca)
     images, labels = random_subset(ds, ipc, seed)
     if grid is not None:
         save_grid(grid, images, labels, ds, overwrite=overwrite)
     return evaluate_synset(images, labels, ds, lr=lr, num_nets=num_nets, epochs=epochs, model=model, dsa=dsa,
-                           seed=seed, device=device, progress=progress)
+                           seed=seed, device=device, progress=progress, together=together)
 
 
 def evaluate_upstream(path: str | os.PathLike, *, dataset: str = "digits", data_path: str | os.PathLike | None = None,
                       zca: bool = False, lr: float | None = None, num_nets: int = 5, epochs: int | None = None,
                       model: str = "ConvNet", dsa: bool = True, seed: int = 0,
                       device: str | torch.device | None = None, progress: bool = True,
-                      grid: str | os.PathLike | None = None, overwrite: bool = False) -> EvalResult:
+                      grid: str | os.PathLike | None = None, overwrite: bool = False,
+                      together: bool | None = None) -> EvalResult:
     """Evaluate a set saved the upstream way: `images_X.pt`, `labels_X.pt` and, when present, `lr_X.pt`
     beside it (distill.synset.load_upstream). `lr` overrides the saved one. The files carry no metadata,
     so the dataset (and whether the set lives in ZCA space, fitted on the training set as upstream) is named;
@@ -154,4 +193,4 @@ def evaluate_upstream(path: str | os.PathLike, *, dataset: str = "digits", data_
     if grid is not None:
         save_grid(grid, images, labels, ds, overwrite=overwrite)
     return evaluate_synset(images, labels, ds, lr=rate, num_nets=num_nets, epochs=epochs, model=model, dsa=dsa,
-                           seed=seed, device=device, progress=progress)
+                           seed=seed, device=device, progress=progress, together=together)

@@ -109,3 +109,22 @@ print("CORE", len(core), sorted(n for n in {EXTRAS!r} if sys.modules.get(n) is n
     count, loaded = r.stdout.strip().splitlines()[-1].split(" ", 2)[1:]
     assert int(count) > 20 and loaded == "[]"
     assert (tmp_path / "exported" / "replay_buffer_0.pt").is_file()
+
+
+def test_legacy_sizes_need_no_private_torch_function(tmp_path, monkeypatch):
+    """Sizes come from the public format: with torch.serialization._save gone (it may vanish in a torch
+    release), they still equal what torch.save writes, for mixed dtypes, scalars and > 256 tensors."""
+    import torch
+
+    from trajstore.legacy import sizes
+
+    obj = [[torch.randn(3, 5, dtype=torch.float64), torch.arange(7), torch.tensor(2.5)] for _ in range(100)]
+    obj.append({"x": (torch.zeros(2, 2, dtype=torch.float16), torch.ones(4, dtype=torch.bool))})
+    torch.save(obj, tmp_path / "mixed.pt")
+    sizes._fixed_records()  # read off one real save before the private function disappears
+    monkeypatch.delattr(torch.serialization, "_save", raising=False)
+    assert sizes.torch_save_nbytes(obj, "mixed") == (tmp_path / "mixed.pt").stat().st_size
+    spec = [[sizes.TensorSpec((3, 5), torch.float64), sizes.TensorSpec((7,), torch.int64),
+             sizes.TensorSpec((), torch.float32)] for _ in range(100)]
+    spec.append({"x": (sizes.TensorSpec((2, 2), torch.float16), sizes.TensorSpec((4,), torch.bool))})
+    assert sizes.torch_save_nbytes(spec, "mixed") == (tmp_path / "mixed.pt").stat().st_size

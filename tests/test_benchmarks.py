@@ -63,3 +63,21 @@ def test_matching_memory(tmp_path):
     assert set(runs) == {("plain", 1), ("constant", 1), ("plain", 2), ("constant", 2)}
     for n in (1, 2):  # same numbers in both modes; only memory differs
         assert runs[("plain", n)]["loss"] == pytest.approx(runs[("constant", n)]["loss"], rel=1e-4)
+
+
+def test_upstream_loop(tmp_path):
+    from benchmarks import bench_upstream_loop
+
+    r = result(bench_upstream_loop.main(["--iterations", "2", "--syn-steps", "2", "--width", "8",
+                                         "--out", str(tmp_path / "u.json")]))["cpu"]
+    assert set(r["seconds_per_iteration"]) == {"upstream_reimplementation", "trajstore_matcher"}
+    assert all(len(t) == 2 for t in r["iteration_seconds"].values()) and r["ratio_trajstore_over_upstream"] > 0
+
+
+def test_evaluate_benchmark(tmp_path):
+    from benchmarks import bench_evaluate
+
+    r = result(bench_evaluate.main(["--epochs", "1", "--nets", "2", "--model", "ConvNetW8",
+                                    "--out", str(tmp_path / "e.json")]))["cpu"]
+    assert set(r["accuracies"]) == {"one_network", "k_one_by_one", "k_together"}
+    assert len(r["accuracies"]["k_together"]) == 2 and r["cpu_ratio_k_together_over_one"] > 0

@@ -196,3 +196,19 @@ def test_single_file_reads_the_same_from_the_spec_zarr_and_trajstore(single):
     group = zarr.open_group(ZipStore(path, mode="r"), mode="r")
     assert group.attrs["trajstore"]["anchor_epochs"] == list(make_golden.ANCHORS)
     np.testing.assert_allclose(group["experts/000010/beta"][...], want["beta_1"], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("dtype,as_dtype", CASES)
+def test_the_foreach_form_gpus_use_gives_the_same_bits(dtype, as_dtype):
+    """Expert.at's GPU path (reader.lerp_layers, foreach kernels over all layers), run here on the CPU."""
+    import trajstore
+    from trajstore.format.reader import lerp_layers
+
+    spec, want = SpecStore(GOLDEN / f"{dtype.lower()}.ctraj"), expected(dtype)
+    e = trajstore.open(GOLDEN / f"{dtype.lower()}.ctraj").expert(1)
+    for row, c in enumerate(want["points"]):
+        j, w = spec_reader.weights(spec.beta(1), spec.epochs, float(c))
+        a = [t.to(TORCH[as_dtype]).reshape(-1) for t in e.anchor(spec.epochs[j]).values()]
+        b = [t.to(TORCH[as_dtype]).reshape(-1) for t in e.anchor(spec.epochs[j + 1]).values()]
+        flat = torch.cat(lerp_layers(a, b, [float(x) for x in w]))
+        assert_same_bits(torch_bits(flat, as_dtype), want[f"theta_1_{as_dtype}"][row], f"foreach, c={c}")

@@ -24,13 +24,15 @@ from trajstore.cli.main import cli
 @click.option("--epochs", type=click.IntRange(min=0), help="Training epochs per network (default 1000, as upstream).")
 @click.option("--model", help="Network to train (default: the set's, else ConvNet).")
 @click.option("--dsa/--no-dsa", default=True, show_default=True)
+@click.option("--together/--one-by-one", default=None, help="Train the networks at once as one stacked network "
+              "(same protocol and draws) or one after another [together on a GPU, one by one on the CPU].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help="cuda, cpu, ... (default: CUDA when present, else the CPU).")
 @click.option("--grid", type=click.Path(), help="Also save the evaluated images as a PNG grid here.")
 @click.option("--force", is_flag=True, help="Replace an existing --grid PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate_command(ctx, synset, random_baseline, ipc, dataset, zca, lr, data_path, num_nets, epochs, model, dsa, seed,
-                     device, grid, force, quiet):
+def evaluate_command(ctx, synset, random_baseline, ipc, dataset, zca, lr, data_path, num_nets, epochs, model, dsa,
+                     together, seed, device, grid, force, quiet):
     """Train fresh networks on SYNSET (the family's protocol) and print mean +- std test accuracy.
 
     SYNSET is a trajstore set (.safetensors) or upstream's images_best.pt (with labels_best.pt and
@@ -38,7 +40,7 @@ def evaluate_command(ctx, synset, random_baseline, ipc, dataset, zca, lr, data_p
     from trajstore.distill.evaluate import evaluate_file, evaluate_random, evaluate_upstream
 
     common = dict(data_path=data_path, num_nets=num_nets, epochs=epochs, dsa=dsa, seed=seed, device=device,
-                  progress=not quiet, grid=grid, overwrite=force)
+                  progress=not quiet, grid=grid, overwrite=force, together=together)
     if random_baseline:
         if synset is not None or ipc is None:
             raise click.UsageError("--random takes --ipc and no SYNSET")

@@ -34,8 +34,10 @@ def _human(s: dict) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 def inspect_command(path, as_json, plot, force):
     """Experts, timesteps, anchors, layer table and bytes on disk against the equivalent MTT buffer."""
-    from trajstore.tools.inspect import plot_betas, summary
+    from trajstore.tools.inspect import check_plottable, plot_betas, summary
 
+    if plot:
+        check_plottable(path)  # refuse before printing, not after
     s = summary(path)
     click.echo(json.dumps(s, indent=2) if as_json else _human(s))
     if plot:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from trajstore.cli.main import cli
@@ -9,9 +11,22 @@ from trajstore.cli.main import cli
 
 @cli.command("verify")
 @click.argument("path", type=click.Path(exists=True))
-def verify_command(path):
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object ({\"ok\": true/false, ...}) "
+              "instead of a line; the exit status is the same.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify_command(path, as_json, quiet):
     """Check a .ctraj or archive against its checksums, or read every trajectory of a legacy buffer."""
+    from trajstore import TrajstoreError
     from trajstore.tools.inspect import verify
 
-    result = verify(path)
-    click.echo(f"OK: {result['path']} ({result['kind']}, {result['num_experts']} experts)")
+    try:
+        result = verify(path, progress=not quiet)
+    except TrajstoreError as exc:
+        if not as_json:
+            raise
+        click.echo(json.dumps({"ok": False, "path": str(path), "error": str(exc), "error_type": type(exc).__name__}))
+        raise SystemExit(1) from None
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"OK: {result['path']} ({result['kind']}, {result['num_experts']} experts)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -68,16 +69,24 @@ def locate(c: float, anchor_epochs: Sequence[int]) -> tuple[int, int, int, float
         raise OutOfRangeError(f"position c={c!r} is not a number") from None
     if not math.isfinite(c) or c < 0 or c > last:
         raise OutOfRangeError(f"position c={c} is outside [0, {last}]")
-    piece = int(np.searchsorted(np.asarray(anchor_epochs[:-1]), c, side="right")) - 1
+    piece = bisect.bisect_right(anchor_epochs, c, 0, len(anchor_epochs) - 1) - 1
     lo = math.floor(c)
     hi = math.ceil(c)
     return piece, lo, hi, c - lo
 
 
-def piece_weights(beta: np.ndarray, anchor_epochs: Sequence[int], c: float) -> tuple[int, np.ndarray]:
-    """Eq. 10 on a piecewise path: (piece index, per-layer weight of the piece's end anchor) at c."""
+def piece_weights(beta: np.ndarray | Sequence[Sequence[float]], anchor_epochs: Sequence[int],
+                  c: float) -> tuple[int, np.ndarray | list[float]]:
+    """Eq. 10 on a piecewise path: (piece index, per-layer weight of the piece's end anchor) at c.
+
+    beta may also be given as rows of Python floats (`beta.tolist()`); the weights then come back as
+    a list, with the same float64 arithmetic and so the same values, without numpy's per-call cost.
+    """
     piece, lo, hi, eta = locate(c, anchor_epochs)
     end = anchor_epochs[piece + 1]
     b_lo = beta[lo]
-    b_hi = np.ones_like(b_lo) if hi == end else beta[hi]
-    return piece, (1.0 - eta) * b_lo + eta * b_hi
+    if isinstance(beta, np.ndarray):
+        b_hi = np.ones_like(b_lo) if hi == end else beta[hi]
+        return piece, (1.0 - eta) * b_lo + eta * b_hi
+    b_hi = [1.0] * len(b_lo) if hi == end else beta[hi]
+    return piece, [(1.0 - eta) * x + eta * y for x, y in zip(b_lo, b_hi)]

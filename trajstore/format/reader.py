@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -52,6 +53,24 @@ def lerp(x: torch.Tensor, y: torch.Tensor, w: float, out: torch.Tensor | None = 
     return torch.sub(y, out.mul_(_round_weight(1.0 - w, out.dtype)), out=out)
 
 
+def lerp_layers(xs: list[torch.Tensor], ys: list[torch.Tensor], ws: list[float]) -> list[torch.Tensor]:
+    """lerp() of every layer in a few fused foreach launches (one per operation, not per layer: what a
+    GPU wants), with the same roundings: each foreach operation rounds every element on its own."""
+    d = list(torch._foreach_sub(ys, xs))
+    low = [i for i, w in enumerate(ws) if w < 0.5]
+    high = [i for i, w in enumerate(ws) if not w < 0.5]
+    if low:
+        part = [d[i] for i in low]
+        torch._foreach_mul_(part, [_round_weight(ws[i], d[i].dtype) for i in low])
+        torch._foreach_add_(part, [xs[i] for i in low])
+    if high:
+        part = [d[i] for i in high]
+        torch._foreach_mul_(part, [_round_weight(1.0 - ws[i], d[i].dtype) for i in high])
+        for i, t in zip(high, torch._foreach_sub([ys[i] for i in high], part)):
+            d[i] = t
+    return d
+
+
 def _index(i, n: int, what: str, path) -> int:
     """A list-style integer index into n items, as a non-negative int; IndexError/TypeError-compatible errors."""
     if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
@@ -73,6 +92,7 @@ class Expert:
         self._files: dict[str, str] | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._provenance: dict = {}
+        self._beta_rows: list[list[float]] | None = None  # beta as Python floats, for `at`
 
     def __repr__(self):
         return f"<Expert {self.position} (id {self.id}) of {self._s.path}>"
@@ -184,23 +204,30 @@ class Expert:
 
         With flat=True, `out` may be a preallocated vector to fill (saves an allocation per call).
         """
+        if self._beta_rows is None:
+            self._beta_rows = self.beta.tolist()
+        epochs = self._s.meta.anchor_epochs
         try:
-            piece, weights = piece_weights(self.beta, self.anchor_epochs, c)
+            piece, ws = piece_weights(self._beta_rows, epochs, c)
         except OutOfRangeError as exc:
             raise OutOfRangeError(str(exc), self._s.path) from None
         dev = _device(device)
-        a = self._s._anchor(self, self.anchor_epochs[piece], dev, dtype)
-        b = self._s._anchor(self, self.anchor_epochs[piece + 1], dev, dtype)
-        ws = weights.tolist()
+        a = self._s._anchor(self, epochs[piece], dev, dtype)
+        b = self._s._anchor(self, epochs[piece + 1], dev, dtype)
         if flat:
-            if any(t.dtype != a[0].dtype for t in a):
+            # On the CPU the per-layer lerps (three passes each) are the floor, so the Python around them is
+            # kept minimal. On a GPU each operation is a kernel launch: foreach launches over all layers
+            # and one cat replace the per-layer launches, with the same roundings (docs/format.md §7).
+            if dtype is None and not self._s._uniform_dtype:
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", self._s.path)
             if out is None:
                 out = torch.empty(self._s.num_params, dtype=a[0].dtype, device=dev)
             elif out.shape != (self._s.num_params,) or out.dtype != a[0].dtype or out.device != a[0].device:
                 raise TrajstoreError(f"out must be a {a[0].dtype} vector of {self._s.num_params} values on "
                                      f"{a[0].device}", self._s.path)
-            for ta, tb, w, o in zip(a, b, ws, out.split(self._s._numels)):
+            if dev.type == "cuda":
+                return torch.cat(lerp_layers(a, b, ws), out=out)
+            for ta, tb, w, o in zip(a, b, ws, self._s._layer_views(out)):
                 lerp(ta, tb, w, out=o)
             return out
         return {layer.name: lerp(ta, tb, w).view(layer.shape)
@@ -226,6 +253,7 @@ class Expert:
             if rel.endswith(".safetensors"):
                 anchorfile.decode(data, self._s.layers, self._s._describe(f"{self._dir}/{rel}"))
         self._arrays.clear()  # re-read both arrays: shapes and finiteness
+        self._beta_rows = None
         _ = self.beta, self.step_norms
 
 
@@ -248,6 +276,8 @@ class CTraj:
         self.layers = meta.layers
         self._numels = [layer.numel for layer in meta.layers]
         self.num_params = sum(self._numels)
+        self._uniform_dtype = len({layer.dtype for layer in meta.layers}) <= 1
+        self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
         self._ids = sorted(int(n) for n in self._store.groups_with(EXPERTS, ROOT_META) if n.isdigit())
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
@@ -312,6 +342,15 @@ class CTraj:
         """Check every expert's files against their checksums; raises the first problem found."""
         for expert in self:
             expert.verify()
+
+    def _layer_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """flat split per layer; the views of the last vector are kept, as callers reuse one `out`."""
+        ref, ptr, views = self._out_views
+        if ref is not None and ref() is flat and flat.data_ptr() == ptr:
+            return views
+        views = flat.split(self._numels)
+        self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
+        return views
 
     # -- anchor cache -------------------------------------------------------------------------
 

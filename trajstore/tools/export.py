@@ -63,6 +63,7 @@ def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per
     """
     if per_file < 1:
         raise TrajstoreError(f"per_file must be at least 1, got {per_file}")
+    check_out_dir(Path(out_dir), overwrite)  # before the progress bar starts
     store = open_ctraj(ctraj_path)
     # float32 stores are read zero-copy; others are cast, since MTT buffers hold float32
     dtype = None if all(layer.dtype == "F32" for layer in store.layers) else torch.float32

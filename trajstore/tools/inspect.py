@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..progress import progress_bar
 from ..stores import atomic
 from ..archive import is_archive
 from .convert import open_source
@@ -53,10 +55,28 @@ def _layer_rows(layers) -> list[dict]:
             for layer in layers]
 
 
+def _real_legacy_bytes(held) -> int | None:
+    """The real size of the MTT-format files these experts are or came from, where they exist: a buffer of
+    full `*replay_buffer_{n}.pt` files itself, or the source files a .ctraj records it was converted from
+    (so `inspect` and `convert` report the same bytes); None where only a computed size is possible."""
+    if isinstance(held, CTraj):
+        prov = held.provenance or {}
+        files = prov.get("sources")
+        if not str(prov.get("source_kind", "")).endswith("replay_buffer") or not isinstance(files, list):
+            return None
+        sizes = [f.get("bytes") for f in files if isinstance(f, dict)]
+        ok = sizes and len(sizes) == len(files) and all(isinstance(b, int) and b > 0 for b in sizes)
+        return sum(sizes) if ok else None
+    if str(getattr(held, "kind", "")).endswith("replay_buffer"):
+        return held.nbytes
+    return None
+
+
 def summary(path: str | os.PathLike) -> dict:
     """One JSON-ready dict: num_experts, num_timesteps, anchors, layers [{name, shape, count, dtype}],
-    bytes (on disk), legacy_bytes (the same experts as MTT .pt files, see `mtt_nbytes`), ratio, and
-    what the store records about architecture and training."""
+    bytes (on disk), legacy_bytes (the same experts as MTT .pt files: the real files' sizes where they
+    exist, else `mtt_nbytes`; legacy_bytes_measured says which), ratio, and what the store records about
+    architecture and training."""
     kind = kind_of(path)
     if kind == "ctraj":
         held = open_ctraj(path)
@@ -68,23 +88,44 @@ def summary(path: str | os.PathLike) -> dict:
     out.update({"path": str(path), "num_experts": held.num_experts, "num_timesteps": held.num_timesteps,
                 "num_params": held.num_params, "layers": _layer_rows(held.layers), "bytes": held.nbytes,
                 "architecture": held.architecture, "training": held.training})
-    out["legacy_bytes"] = mtt_nbytes(held.layers, out["num_timesteps"], out["num_experts"])
+    real = _real_legacy_bytes(held)
+    out["legacy_bytes"] = real if real is not None else mtt_nbytes(held.layers, out["num_timesteps"],
+                                                                    out["num_experts"])
+    out["legacy_bytes_measured"] = real is not None
     out["ratio"] = out["bytes"] / out["legacy_bytes"] if out["legacy_bytes"] else None
     return out
 
 
-def verify(path: str | os.PathLike) -> dict:
+def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
     """Re-check structure and every checksum (a .ctraj or an archive) or every trajectory (a legacy
-    buffer); raises the first problem as a trajstore error, else returns what was checked."""
+    buffer), expert by expert with a progress bar; raises the first problem as a trajstore error, else
+    returns what was checked: {"ok": True, kind, path, num_experts, seconds}."""
+    began = time.perf_counter()
     kind = kind_of(path)
     if kind == "ctraj":
         store = open_ctraj(path)
-        store.verify()
-        return {"kind": kind, "path": str(path), "num_experts": store.num_experts}
-    source = open_source(path)
-    source.verify()
-    return {"kind": kind if kind == "archive" else f"legacy {source.kind}", "path": str(path),
-            "num_experts": source.num_experts}
+        for expert in progress_bar(store, total=store.num_experts, desc="verify", unit="expert", disable=not progress):
+            expert.verify()  # what CTraj.verify does, one expert at a time
+        count = store.num_experts
+    else:
+        source = open_source(path)
+        check = getattr(source, "check", None)  # an archive also compares each expert with its sha256
+        steps = progress_bar(source.iter_trajectories(), total=source.num_experts, desc="verify", unit="expert",
+                             disable=not progress)
+        for i, trajectory in enumerate(steps):
+            if check is not None:
+                check(i, trajectory)
+        count, kind = source.num_experts, kind if kind == "archive" else f"legacy {source.kind}"
+    return {"ok": True, "kind": kind, "path": str(path), "num_experts": count,
+            "seconds": round(time.perf_counter() - began, 3)}
+
+
+def check_plottable(path: str | os.PathLike) -> None:
+    """Refuse, before anything is printed or drawn, to plot betas of what is not a .ctraj."""
+    kind = kind_of(path)
+    if kind != "ctraj":
+        raise TrajstoreError(f"--plot draws the beta schedules of a .ctraj, but this is a {kind} buffer: convert "
+                             f"it first (`trajstore convert {path} OUT.ctraj`) and plot that", path)
 
 
 def plot_betas(ctraj, png: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -98,6 +139,8 @@ def plot_betas(ctraj, png: str | os.PathLike, *, overwrite: bool = False) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not isinstance(ctraj, CTraj):
+        check_plottable(ctraj)
     store = ctraj if isinstance(ctraj, CTraj) else open_ctraj(ctraj)
     betas = np.stack([e.beta for e in store])  # (E, K+1, L)
     epochs = store.anchor_epochs

@@ -1,0 +1,105 @@
+"""The fast paths give what the plain ones give: interpolation, batched evaluation and batched experts."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import SMALL_LAYERS, random_walk, write_store
+
+import trajstore
+from trajstore.format.beta import piece_weights
+
+
+def _spec_lerp(x: torch.Tensor, y: torch.Tensor, w: float) -> torch.Tensor:
+    """docs/format.md §7, layer by layer, as the reader computed it before its fast path."""
+    return torch.lerp(x, y, w)
+
+
+def test_list_weights_are_the_numpy_weights_bit_for_bit(tmp_path):
+    path = write_store(tmp_path / "a.ctraj", [random_walk(seed=1)], waypoints=(3, 7))
+    e = trajstore.open(path).expert(0)
+    rows = e.beta.tolist()
+    rng = np.random.default_rng(0)
+    for c in [0, 3, 7, 10, 2.999999, 3.0000001, *rng.uniform(0, 10, 200)]:
+        p_np, w_np = piece_weights(e.beta, e.anchor_epochs, c)
+        p_list, w_list = piece_weights(rows, e.anchor_epochs, c)
+        assert p_np == p_list and w_np.tolist() == w_list
+
+
+def test_flat_points_with_reused_and_alternating_out_buffers(tmp_path):
+    trajs = [random_walk(seed=s) for s in range(2)]
+    path = write_store(tmp_path / "a.ctraj", trajs, waypoints=(3, 7))
+    store = trajstore.open(path)
+    bufs = [torch.empty(store.num_params) for _ in range(2)]
+    for i, c in enumerate([0.5, 4.25, 7.0, 9.75, 3.0, 1.0]):
+        e = store.expert(i % 2)
+        got = e.at(c, flat=True, out=bufs[(i // 2) % 2])
+        # An independent reference: each layer from the two stored anchors and the stored betas.
+        piece = max(j for j, a in enumerate(e.anchor_epochs[:-1]) if a <= c)
+        a, b = e.anchor_epochs[piece], e.anchor_epochs[piece + 1]
+        lo, hi = int(np.floor(c)), int(np.ceil(c))
+        eta = c - lo
+        want = []
+        for layer, (name, _) in enumerate(SMALL_LAYERS):
+            beta_hi = 1.0 if hi == b else e.beta[hi, layer]
+            w = (1 - eta) * e.beta[lo, layer] + eta * beta_hi
+            want.append(_spec_lerp(trajs[i % 2][a][layer], trajs[i % 2][b][layer], float(w)).reshape(-1))
+        assert torch.equal(got, torch.cat(want)), c
+    for epoch in store.expert(0).anchor_epochs:  # exact at anchors, through the same reused buffer
+        assert torch.equal(store.expert(0).at(epoch, flat=True, out=bufs[0]),
+                           torch.cat([t.reshape(-1) for t in trajs[0][epoch]]))
+
+
+# -- networks trained together ---------------------------------------------------------------------
+
+from trajstore.distill.augment import seeded_dsa  # noqa: E402
+from trajstore.distill.batched import NetStack  # noqa: E402
+from trajstore.distill.data import load_dataset  # noqa: E402
+from trajstore.distill.evaluate import evaluate_synset, random_subset  # noqa: E402
+from trajstore.distill.networks import build  # noqa: E402
+from trajstore.distill.train import train_epoch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_dataset("digits", im_size=(16, 16))
+
+
+def _fresh(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build("ConvNetW8", 3, 10, (16, 16))
+
+
+def test_stacked_networks_follow_the_trajectories_of_networks_trained_alone(digits16):
+    images, labels = random_subset(digits16, 4, seed=0)  # 40 images, batch 16: 3 shuffled batches per epoch
+    seeds = [11, 12, 13]
+    alone, alone_stats = [], []
+    for s in seeds:  # the plain loop, one network at a time
+        net, g = _fresh(s), torch.Generator().manual_seed(s)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        alone_stats.append([train_epoch(net, images, labels, optimizer=opt, batch_size=16, augment=seeded_dsa(g),
+                                        device="cpu", generator=g) for _ in range(3)][-1])
+        alone.append(net)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    stack = NetStack([_fresh(s) for s in seeds])
+    opt = torch.optim.SGD(stack.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        losses, accs = stack.train_epoch(images, labels, optimizer=opt, batch_size=16, generators=gens,
+                                         augments=[seeded_dsa(g) for g in gens], device=torch.device("cpu"))
+    moved = 0.0
+    for k, net in enumerate(alone):
+        for p_alone, p_stack, p_init in zip(net.parameters(), stack.network(k), _fresh(seeds[k]).parameters()):
+            torch.testing.assert_close(p_stack.detach(), p_alone.detach(), rtol=1e-4, atol=1e-5)
+            moved = max(moved, float((p_alone - p_init).detach().abs().max()))
+        assert losses[k] == pytest.approx(alone_stats[k][0], rel=1e-4) and accs[k] == alone_stats[k][1]
+    assert moved > 1e-2  # the networks did train
+
+
+def test_evaluation_together_gives_the_accuracies_of_one_by_one(digits16):
+    images, labels = random_subset(digits16, 1, seed=3)
+    kw = dict(lr=0.01, num_nets=3, epochs=8, model="ConvNetW8", seed=5, progress=False)
+    one_by_one = evaluate_synset(images, labels, digits16, together=False, **kw)
+    together = evaluate_synset(images, labels, digits16, together=True, **kw)
+    step = 1 / len(digits16.test_labels)  # float rounding may flip at most a borderline test image
+    assert np.allclose(together.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
+    assert len(set(one_by_one.accuracies)) > 1  # each network its own draws
