@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 PATH = "trajstore/format/reader.py"
-TARGETS = {"_PRECISION", "_round_weight", "lerp", "at"}  # module-level names and Expert methods
+TARGETS = {"_PRECISION", "_round_weight", "lerp", "lerp_layers", "at"}  # module-level names and Expert methods
 
 
 def target_lines(source: str) -> set[int]:

@@ -56,6 +56,13 @@ def test_check_anchor_epochs():
                              ((0, 3, 2, 4), 5, "strictly increasing"), ((), 3, "start at 0")]:
         with pytest.raises(TrajstoreError, match=match):
             check_anchor_epochs(epochs, n)
+    # the whole messages, word for word
+    for epochs, n, message in [((0,), 1, "a trajectory needs at least 2 timesteps, got 1"),
+                               ((1, 2), 3, "anchor epochs [1, 2] must start at 0 and end at K=2"),
+                               ((0, 2, 2, 4), 5, "anchor epochs [0, 2, 2, 4] must be strictly increasing")]:
+        with pytest.raises(TrajstoreError) as err:
+            check_anchor_epochs(epochs, n)
+        assert str(err.value) == message
 
 
 def test_anchor_epochs_with_waypoints():
@@ -66,6 +73,9 @@ def test_anchor_epochs_with_waypoints():
     for bad in [(0,), (50,), (-1,), (51,), (6, 50)]:
         with pytest.raises(TrajstoreError, match=r"outside the open range \(0, 50\)"):
             anchor_epochs_with(bad, 51)
+    with pytest.raises(TrajstoreError) as err:
+        anchor_epochs_with((50, 6, 0), 51)
+    assert str(err.value) == "waypoints [0, 50] lie outside the open range (0, 50)"
 
 
 @pytest.mark.parametrize("c,want", [
@@ -94,9 +104,11 @@ def test_locate_refuses_outside_0_K(c):
     (3.5, 1, [0.5 * (3 / 7) + 0.5, 0.5]),
     (4.0, 1, [1.0, 1.0]),
 ])
-def test_piece_weights_by_hand(c, piece, w):
-    got_piece, got = piece_weights(BETA, EPOCHS, c)
-    assert got_piece == piece
+@pytest.mark.parametrize("rows", [False, True], ids=["ndarray", "rows"])
+def test_piece_weights_by_hand(c, piece, w, rows):
+    got_piece, got = piece_weights(BETA.tolist() if rows else BETA, EPOCHS, c)
+    assert got_piece == piece and len(got) == 2
+    assert isinstance(got, list) if rows else got.dtype == np.float64
     np.testing.assert_allclose(got, w, rtol=1e-15, atol=0)
 
 
@@ -104,3 +116,4 @@ def test_piece_weights_use_the_stored_row_not_a_neighbour():
     beta = np.array([[0.0], [0.1], [0.7], [0.9], [1.0]])  # one piece (0, 4)
     for c, w in [(1.0, 0.1), (2.0, 0.7), (2.25, 0.75 * 0.7 + 0.25 * 0.9), (3.5, 0.5 * 0.9 + 0.5 * 1.0)]:
         assert piece_weights(beta, (0, 4), c)[1][0] == pytest.approx(w, rel=1e-15)
+        assert piece_weights(beta.tolist(), (0, 4), c)[1][0] == pytest.approx(w, rel=1e-15)
