@@ -38,6 +38,7 @@ DISTILL_ALIASES: dict[str, str | dict[str, str]] = {
 EXPERTS_ALIASES: dict[str, str | dict[str, str]] = {
     "--train_epochs": "--epochs", "--lr_teacher": "--lr", "--batch_train": "--batch-size",
     "--num_experts": "--num-experts", "--l2": "--weight-decay", "--mom": "--momentum", "--dsa": DSA_STRINGS,
+    "--dsa_strategy": "--dsa-strategy",
     "--buffer_path": "--buffer-path", "--data_path": "--data-path",
 }
 

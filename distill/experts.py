@@ -22,7 +22,7 @@ from trajstore.errors import FormatError, TrajstoreError
 from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
 
-from .augment import STRATEGY, seeded_dsa
+from .augment import STRATEGY, seeded_dsa, strategy_operations
 from .data import Dataset, load_dataset
 from .networks import build_spec, config_for
 from .synset import save_figure
@@ -34,7 +34,8 @@ TRAJECTORIES_PER_FILE = 10  # upstream buffer.py's save_interval
 def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
                   epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
-                  weight_decay: float = 0.0, dsa: bool = True, zca: bool = False, waypoints: Sequence[int] = (),
+                  weight_decay: float = 0.0, dsa: bool = True, dsa_strategy: str = STRATEGY, zca: bool = False,
+                  waypoints: Sequence[int] = (),
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print) -> Path:
@@ -47,6 +48,10 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
     """
     out = Path(out)
+    try:
+        strategy_operations(dsa_strategy)
+    except ValueError as exc:
+        raise TrajstoreError(f"dsa_strategy: {exc}") from None
     if num_experts < 1 or epochs < 1:
         raise TrajstoreError(f"need at least one expert and one epoch (got {num_experts}, {epochs})")
     dev = resolve_device(device)
@@ -54,7 +59,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     config = config_for(model, ds.channel, ds.num_classes, ds.im_size)
     architecture = {"name": model, **config.to_json()}
     training = {**ds.meta(), "epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
-                "weight_decay": weight_decay, "optimizer": "SGD", "dsa": dsa, "dsa_strategy": STRATEGY if dsa else None,
+                "weight_decay": weight_decay, "optimizer": "SGD", "dsa": dsa,
+                "dsa_strategy": dsa_strategy if dsa else None,
                 "seed": seed, "num_train": len(ds.train_labels)}
     _check_resumable(out, architecture, training)
     train = ds.train_images.to(dev), ds.train_labels.to(dev)
@@ -79,7 +85,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                     torch.manual_seed(s)
                     net = build_spec(config).to(dev)
                 generator = torch.Generator().manual_seed(s)
-                augment = seeded_dsa(generator) if dsa else None
+                augment = seeded_dsa(generator, dsa_strategy) if dsa else None
                 optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
                 # Accuracies are known only at the end; the writer publishes this dict when the expert closes.
                 record = {"seed": s, "device": str(dev), "train_acc": [], "test_acc": [], "train_loss": []}

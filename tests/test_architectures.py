@@ -325,3 +325,85 @@ def test_experts_command_trains_any_family(tmp_path):
     store = trajstore.open(tmp_path / "l.ctraj")
     assert [(layer.name, tuple(layer.shape)) for layer in store.layers] == LENET
     assert store.architecture["name"] == "LeNet"
+
+
+# -- cross-architecture evaluation ------------------------------------------------------------------
+
+def test_cross_architecture_table(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from trajstore.cli.main import cli
+    from trajstore.distill.evaluate import evaluate_synset, random_subset
+    from trajstore.distill.synset import save_synset
+
+    ds = load_dataset("digits", im_size=(8, 8), channels=1)
+    images, labels = random_subset(ds, 1, seed=0)
+    path = save_synset(tmp_path / "s.safetensors", images, labels, lr=0.01, meta={"model": "ConvNetW8"}, dataset=ds)
+    args = ["evaluate", str(path), "--models", "ConvNetW8,MLP,VGG11", "--epochs", "1", "--num-nets", "2", "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s_crossarch.json").read_text())
+    assert report["models"] == ["ConvNetW8", "MLP", "VGG11"] and report["sets"] == [str(path)]
+    for model in ("ConvNetW8", "MLP"):  # each network trained with the protocol, as evaluate_synset does alone
+        alone = evaluate_synset(images, labels, ds, lr=0.01, num_nets=2, epochs=1, model=model, progress=False)
+        cell = report["cells"][model][str(path)]["result"]
+        assert cell["accuracies"] == list(alone.accuracies) and cell["std"] == pytest.approx(alone.std)
+        assert f"| {model} | {100 * alone.mean:.2f} +- {100 * alone.std:.2f} |" in result.output + \
+            (tmp_path / "s_crossarch.md").read_text()
+    # VGG11 pools five times: 1x8x8 images are too small in upstream's definition; its row says so
+    assert report["cells"]["VGG11"][str(path)]["result"] is None
+    assert "| VGG11 | n/a (VGG11 needs images of at least 32x32" in (tmp_path / "s_crossarch.md").read_text()
+    assert (tmp_path / "s_crossarch.png").read_bytes()[:4] == b"\x89PNG"
+    again = CliRunner().invoke(cli, args)  # an earlier report is kept unless --force, before any training
+    assert again.exit_code == 1 and "s_crossarch.json" in again.output and "--force" in again.output
+    bad = CliRunner().invoke(cli, ["evaluate", str(path), "--models", "ConvNet,ResNet50", "--force"])
+    assert bad.exit_code == 1 and "unknown model 'ResNet50'" in bad.output
+    both = CliRunner().invoke(cli, ["evaluate", str(path), "--models", "MLP", "--model", "MLP"])
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_convert_names_a_legacy_buffer_of_another_family(tmp_path, legacy_write):
+    from click.testing import CliRunner
+
+    from trajstore.cli.main import cli
+
+    source = tmp_path / "buffers" / "run7"  # a directory name that names no network: shapes decide
+    legacy_write(source, 2, num_timesteps=3, layers=LENET)
+    result = CliRunner().invoke(cli, ["convert", str(source), str(tmp_path / "a.ctraj"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = trajstore.open(tmp_path / "a.ctraj")
+    assert [(layer.name, tuple(layer.shape)) for layer in store.layers] == LENET
+    assert store.architecture["name"] == "LeNet" and store.architecture["source"] == "inferred from shapes"
+    result = CliRunner().invoke(cli, ["convert", str(source), str(tmp_path / "b.ctraj"), "--model", "AlexNet"])
+    assert result.exit_code == 1 and "do not have the shapes of AlexNet" in result.output
+    # shapes no family has: converted all the same, with generic names, and a warning that says so
+    odd = tmp_path / "buffers" / "odd"
+    legacy_write(odd, 1, num_timesteps=3, layers=[("w", (5, 7)), ("b", (5,))])
+    with pytest.warns(UserWarning, match="match no known architecture .*ResNet18.*param_0 .. param_1"):
+        result = CliRunner().invoke(cli, ["convert", str(odd), str(tmp_path / "c.ctraj"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [layer.name for layer in trajstore.open(tmp_path / "c.ctraj").layers] == ["param_0", "param_1"]
+
+
+def test_crossarch_benchmark_merges_one_table(tmp_path):
+    import json
+
+    from benchmarks import bench_crossarch
+    from trajstore.distill.evaluate import random_subset
+    from trajstore.distill.synset import save_synset
+
+    ds = load_dataset("digits", im_size=(8, 8), channels=1)
+    paths = {}
+    for seed, name in enumerate(("A", "B")):
+        images, labels = random_subset(ds, 1, seed=seed)
+        paths[name] = save_synset(tmp_path / f"{name}.safetensors", images, labels, lr=0.01, meta={}, dataset=ds)
+    out = tmp_path / "x.json"
+    bench_crossarch.main(["--set", f"A={paths['A']}", "--set", f"B={paths['B']}", "--models", "MLP,ResNet18",
+                          "--nets", "1", "--epochs", "1", "--workers", "1", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["results"]["models"] == ["MLP", "ResNet18"] and doc["results"]["sets"] == ["A", "B"]
+    assert doc["results"]["cells"]["MLP"]["B"]["result"]["accuracies"][0] > 0
+    assert "needs larger images" in doc["results"]["cells"]["ResNet18"]["A"]["skipped"]
+    assert (tmp_path / "x.md").read_text().startswith("| network | A (%) | B (%) |")

@@ -20,6 +20,7 @@ from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, 
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--momentum", default=0.0, show_default=True, type=float)
 @click.option("--weight-decay", type=float, help="SGD weight decay (L2) of the experts [0, as upstream].")
+@click.option("--dsa-strategy", help="DSA operations [color_crop_cutout_flip_scale_rotate, as upstream].")
 @click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
 @click.option("--zca/--no-zca", default=False, show_default=True, help="ZCA-whiten the data (kornia, eps 0.1).")
 @click.option("--dsa/--no-dsa", default=True, show_default=True, help="Differentiable siamese augmentation.")
@@ -32,7 +33,7 @@ from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, 
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, weight_decay,
-                    waypoints, zca, dsa, legacy_dir, buffer_path, seed, device, plot, force, quiet):
+                    dsa_strategy, waypoints, zca, dsa, legacy_dir, buffer_path, seed, device, plot, force, quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job.
 
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
@@ -42,7 +43,7 @@ def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, bat
         if legacy_dir is not None:
             raise click.UsageError("give --legacy-dir or --buffer_path, not both")
         legacy_dir = upstream_expert_dir(buffer_path, dataset, zca, model)
-    optional = {"weight_decay": weight_decay} if weight_decay is not None else {}
+    optional = {k: v for k, v in (("weight_decay", weight_decay), ("dsa_strategy", dsa_strategy)) if v is not None}
     path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
                          epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca, **optional,
                          waypoints=waypoints, legacy_dir=legacy_dir, seed=seed, device=device,
