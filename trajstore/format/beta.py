@@ -9,11 +9,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import OutOfRangeError, TrajstoreError
+from .arguments import integer, integers, real
 
 
 def check_anchor_epochs(anchor_epochs: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
     """Anchors are strictly increasing integer epochs from 0 to K = num_timesteps - 1."""
-    epochs = tuple(int(e) for e in anchor_epochs)
+    epochs = integers(anchor_epochs, "anchor_epochs")
+    num_timesteps = integer(num_timesteps, "num_timesteps")
     last = num_timesteps - 1
     if num_timesteps < 2:
         raise TrajstoreError(f"a trajectory needs at least 2 timesteps, got {num_timesteps}")
@@ -26,8 +28,8 @@ def check_anchor_epochs(anchor_epochs: Sequence[int], num_timesteps: int) -> tup
 
 def anchor_epochs_with(waypoints: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
     """Anchor epochs for the given inner waypoints (e.g. (6, 25) for MCT's CIFAR-10 setting)."""
-    last = num_timesteps - 1
-    inner = sorted(set(int(w) for w in waypoints))
+    last = integer(num_timesteps, "num_timesteps") - 1
+    inner = sorted(set(integers(waypoints, "waypoints")))
     bad = [w for w in inner if not 0 < w < last]
     if bad:
         raise TrajstoreError(f"waypoints {bad} lie outside the open range (0, {last})")
@@ -63,11 +65,8 @@ def locate(c: float, anchor_epochs: Sequence[int]) -> tuple[int, int, int, float
     An inner anchor belongs to the piece that starts there, so c = e_j reads anchor e_j exactly.
     """
     last = anchor_epochs[-1]
-    try:
-        c = float(c)
-    except (TypeError, ValueError):
-        raise OutOfRangeError(f"position c={c!r} is not a number") from None
-    if not math.isfinite(c) or c < 0 or c > last:
+    c = real(c, "position c")
+    if c < 0 or c > last:
         raise OutOfRangeError(f"position c={c} is outside [0, {last}]")
     piece = bisect.bisect_right(anchor_epochs, c, 0, len(anchor_epochs) - 1) - 1
     lo = math.floor(c)
@@ -90,3 +89,32 @@ def piece_weights(beta: np.ndarray | Sequence[Sequence[float]], anchor_epochs: S
         return piece, (1.0 - eta) * b_lo + eta * b_hi
     b_hi = [1.0] * len(b_lo) if hi == end else beta[hi]
     return piece, [(1.0 - eta) * x + eta * y for x, y in zip(b_lo, b_hi)]
+
+
+# Anchor smoothing (docs/format.md §4.1). The MCT code smooths the anchors it keeps in two ways:
+#   "binomial"        convexify.py: an inner anchor e becomes 0.5 theta(e) + 0.25 (theta(e-1) + theta(e+1)),
+#                     the end 0.5 theta(K) + 0.25 (theta(K-2) + theta(K-1)); betas follow the smoothed path.
+#   "neighbour-mean"  exps/trajectory_compression.py, the store its distill_compressed.py reads: an inner
+#                     anchor becomes (theta(e-1) + theta(e+1)) / 2, the end (theta(K-1) + theta(K)) / 2;
+#                     betas come from the raw trajectory's step norms.
+# "mct" (stores written before both were offered) is binomial anchors with betas from the raw norms.
+SMOOTHINGS = ("binomial", "neighbour-mean")
+LEGACY_SMOOTHINGS = ("mct",)
+
+
+def smooth_inner(smoothing: str, before, here, after):
+    """The stored inner anchor for theta(e-1), theta(e), theta(e+1) (lists of layer tensors)."""
+    if smoothing == "neighbour-mean":
+        return [(b + a) / 2 for b, a in zip(before, after)]
+    return [0.5 * h + 0.25 * b + 0.25 * a for b, h, a in zip(before, here, after)]
+
+
+def smooth_end(smoothing: str, k2, k1, k):
+    """The stored end anchor for theta(K-2), theta(K-1), theta(K) (k2 is unused by neighbour-mean)."""
+    if smoothing == "neighbour-mean":
+        return [(y + x) / 2 for y, x in zip(k1, k)]
+    return [0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(k, k2, k1)]
+
+
+def betas_follow_smoothed_path(smoothing: str | None) -> bool:
+    return smoothing == "binomial"

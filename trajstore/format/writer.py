@@ -15,13 +15,14 @@ import torch
 from . import anchorfile, checksums
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store
-from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
-from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
+from .arguments import integer
+from .beta import (LEGACY_SMOOTHINGS, SMOOTHINGS, anchor_epochs_with, beta_from_norms, betas_follow_smoothed_path,
+                   check_anchor_epochs, smooth_end, smooth_inner)
+from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError, os_errors
 from .layers import as_tensor_list, layer_table
-from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, group_json
+from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
+                     group_json)
 from .singlefile import publish_single_file
-
-SMOOTHING = ("mct",)
 
 
 def _now() -> str:
@@ -41,7 +42,9 @@ def encode_zarr_array(name: str, data: np.ndarray) -> dict[str, bytes]:
     from zarr.storage import MemoryStore
 
     held: dict = {}
-    zarr.create_array(MemoryStore(held), name=name, data=data, chunks=data.shape, overwrite=False)
+    # every chunk is written, even an all-zero one: readers refuse a chunk the manifest does not list
+    zarr.create_array(MemoryStore(held), name=name, data=data, chunks=data.shape, overwrite=False,
+                      config={"write_empty_chunks": True})
     return {key: buf.to_bytes() for key, buf in sorted(held.items()) if key.startswith(f"{name}/")}
 
 
@@ -59,6 +62,8 @@ class ExpertWriter:
         self._t = 0
         self._history: deque[list[torch.Tensor]] = deque(maxlen=3)
         self._norms = np.zeros((self._last, len(self._layers)), dtype=np.float64)
+        self._path_norms = np.zeros_like(self._norms)  # of the smoothed path (binomial smoothing's betas)
+        self._path_last: list[torch.Tensor] | None = None
         self._anchors: dict[int, list[torch.Tensor]] = {}
         self._done = False
 
@@ -84,18 +89,29 @@ class ExpertWriter:
             self._norms[t - 1] = [torch.linalg.vector_norm(a.double() - b.double()).item()
                                   for a, b in zip(tensors, prev)]
         self._history.append(tensors)
-        smooth = self._w.meta.smoothing == "mct"
-        if t in self._epochs and not (smooth and t > 0):
-            self._anchors[t] = tensors
-        if smooth and t - 1 in self._epochs and 0 < t - 1 < self._last:
-            before, here, after = self._history  # MCT's inner-waypoint smoothing
-            self._anchors[t - 1] = [0.5 * h + 0.25 * b + 0.25 * a for b, h, a in zip(before, here, after)]
-        if smooth and t == self._last:
-            if len(self._history) < 3:
-                raise InvalidTensorError("MCT smoothing of the end point needs K >= 2", self._w.path)
-            k2, k1, k = self._history
-            self._anchors[t] = [0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(k, k2, k1)]
+        smoothing = self._w.meta.smoothing
+        if smoothing is None:
+            if t in self._epochs:
+                self._anchors[t] = tensors
+        else:  # point t-1 of the smoothed path is known once theta(t) has arrived; the end at once
+            if t > 0:
+                inner = t - 1 in self._epochs and t - 1 > 0
+                self._settle(t - 1, smooth_inner(smoothing, *self._history) if inner else self._history[-2])
+            if t == self._last:
+                k2 = self._history[-3] if len(self._history) == 3 else None
+                if k2 is None and smoothing != "neighbour-mean":
+                    raise InvalidTensorError(f"{smoothing} smoothing of the end point needs K >= 2", self._w.path)
+                self._settle(t, smooth_end(smoothing, k2, self._history[-2], self._history[-1]))
         self._t += 1
+
+    def _settle(self, t: int, point: list[torch.Tensor]) -> None:
+        """Point t of the smoothed path: an anchor if t is one; its step from point t-1 measured."""
+        if t in self._epochs:
+            self._anchors[t] = point
+        if self._path_last is not None:
+            self._path_norms[t - 1] = [torch.linalg.vector_norm(a.double() - b.double()).item()
+                                       for a, b in zip(point, self._path_last)]
+        self._path_last = point
 
     def extend(self, timesteps: Iterable) -> None:
         for params in timesteps:
@@ -109,7 +125,9 @@ class ExpertWriter:
             raise InvalidTensorError(f"expert {self.id} got {self._t} timesteps, expected "
                                      f"{self._last + 1}; nothing was written for it", self._w.path)
         self._done = True
-        self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
+        beta_norms = self._path_norms if betas_follow_smoothed_path(self._w.meta.smoothing) else self._norms
+        with os_errors(self._w.path):
+            self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance, beta_norms)
         return self.id
 
     def abort(self) -> None:
@@ -129,26 +147,31 @@ class ExpertWriter:
 class Writer:
     """Writes a .ctraj; use `trajstore.create(...)` to make one."""
 
+    @os_errors(arg="path")
     def __init__(self, path, layers, num_timesteps: int, *, anchor_epochs: Sequence[int] | None = None,
                  waypoints: Sequence[int] = (), smoothing: str | None = None, architecture: dict | None = None,
                  training: dict | None = None, provenance: dict | None = None, single_file: bool = False,
                  overwrite: bool = False, append: bool = False, storage_options: dict | None = None):
         layers = layer_table(layers)
+        num_timesteps = integer(num_timesteps, "num_timesteps", path)
         if anchor_epochs is None:
             anchor_epochs = anchor_epochs_with(waypoints, num_timesteps)
         elif waypoints:
             raise TrajstoreError("give anchor_epochs or waypoints, not both")
-        if smoothing not in (None, *SMOOTHING):
-            raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHING)}")
+        if smoothing not in (None, *SMOOTHINGS, *LEGACY_SMOOTHINGS):  # "mct": to append to stores that use it
+            raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHINGS)}")
         prov = {"created": _now(), "tool": _tool(), **(provenance or {})}
-        self.meta = StoreMeta(layers=layers, num_timesteps=int(num_timesteps),
-                              anchor_epochs=check_anchor_epochs(anchor_epochs, int(num_timesteps)),
+        self.meta = StoreMeta(layers=layers, num_timesteps=num_timesteps,
+                              anchor_epochs=check_anchor_epochs(anchor_epochs, num_timesteps),
                               smoothing=smoothing, architecture=architecture, training=dict(training or {}),
                               provenance=prov)
         self.single_file = single_file
         self._overwrite = overwrite
         self._target = locate(path, storage_options)
         self.path = self._target.path if self._target.path is not None else self._target.url  # Path, or a URL
+        if isinstance(self.path, Path) and self.path.is_symlink() and not self.path.exists():
+            # creating it would fail and joining it would wait for metadata that never comes
+            raise ExistsError("is a dangling symbolic link; remove it or choose another output", self.path)
         self._taken: set[int] = set()
         self._closed = False
         self._replacing = False
@@ -215,7 +238,7 @@ class Writer:
 
     def existing_experts(self) -> list[int]:
         """Ids of the experts already complete in this store (for resuming)."""
-        return sorted(int(n) for n in self._store.groups_with(EXPERTS, ROOT_META) if n.isdigit())
+        return sorted(i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META)) if i is not None)
 
     def next_id(self) -> int:
         used = set(self.existing_experts()) | self._taken
@@ -225,7 +248,7 @@ class Writer:
         """Start writing one expert. Concurrent processes should pass disjoint explicit indices."""
         if self._closed:
             raise TrajstoreError("the writer is closed", self.path)
-        expert_id = self.next_id() if index is None else int(index)
+        expert_id = self.next_id() if index is None else integer(index, "expert index", self.path)
         if expert_id < 0:
             raise TrajstoreError(f"expert index {expert_id} is negative", self.path)
         if expert_id in self._taken or expert_id in self.existing_experts():
@@ -242,7 +265,7 @@ class Writer:
         self._taken.discard(expert_id)
 
     def _publish_expert(self, expert_id: int, anchors: Mapping[int, list[torch.Tensor]], norms: np.ndarray,
-                        provenance: dict) -> None:
+                        provenance: dict, beta_norms: np.ndarray) -> None:
         """Files first, the manifest last: the store publishes the expert in one step (a rename, or
         on an object store the create-only write of its manifest), so no reader sees part of it."""
         meta, store = self.meta, self._store
@@ -254,7 +277,7 @@ class Writer:
         try:
             contents = {anchor_name(epoch): anchorfile.encode(meta.layers, anchors[epoch], {"epoch": str(epoch)})
                         for epoch in meta.anchor_epochs}
-            contents.update(encode_zarr_array(BETA, beta_from_norms(norms, meta.anchor_epochs)))
+            contents.update(encode_zarr_array(BETA, beta_from_norms(beta_norms, meta.anchor_epochs)))
             contents.update(encode_zarr_array(STEP_NORMS, norms))
             files: dict[str, str] = {}
             for rel, data in contents.items():
@@ -273,8 +296,18 @@ class Writer:
         if self._closed:
             return self.path
         self._closed = True
-        self.meta.complete = True
-        self._store.write_bytes(ROOT_META, self.meta.encode())
+        was_complete, self.meta.complete = self.meta.complete, True
+        try:
+            with os_errors(self.path):
+                self._finish()
+        except BaseException:  # e.g. a full disk: remove what was built, as abort() does
+            self.meta.complete = was_complete
+            self.abort()
+            raise
+        return self.path
+
+    def _finish(self) -> None:
+        self._record_experts()
         if self.single_file:
             try:
                 publish_single_file(self._store.root, self._target, overwrite=self._overwrite)
@@ -282,7 +315,23 @@ class Writer:
                 self._store.delete("")
         elif self._replacing:
             self._target_store.finish_replace(self._store)
-        return self.path
+
+    def _record_experts(self) -> None:
+        """Write the root metadata listing every published expert with its manifest's sha256.
+
+        Writers appending at once each rewrite the root on close, so each checks afterwards that no
+        expert appeared that its list lacks, and writes again if one did: the root written last then
+        lists every expert published before any writer's close (docs/format.md §8).
+        """
+        store = self._store
+        while True:
+            ids = self.existing_experts()
+            names = [expert_dir(i).rsplit("/", 1)[-1] for i in ids]
+            self.meta.experts = {name: checksums.sha256(store.read_bytes(f"{EXPERTS}/{name}/{ROOT_META}"))
+                                 for name in names}
+            store.write_bytes(ROOT_META, self.meta.encode())
+            if set(self.existing_experts()) <= set(ids):
+                return
 
     def abort(self) -> None:
         """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""
