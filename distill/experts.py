@@ -30,6 +30,7 @@ from trajstore.legacy import loading as legacy_loading, validation as legacy_val
 
 from . import distributed
 from .augment import STRATEGY, seeded_dsa, strategy_operations
+from .batched import NetStack, stackable
 from .data import Dataset, load_dataset
 from .networks import build_spec, config_for
 from .synset import save_figure
@@ -45,7 +46,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   waypoints: Sequence[int] = (), smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
-                  log: Callable[[str], object] = print) -> Path:
+                  log: Callable[[str], object] = print, batch_experts: int = 1) -> Path:
     """Train experts 0..num_experts-1 with SGD (the family's defaults) into the .ctraj `out`.
 
     Experts already complete in `out` are kept and skipped; the settings must match those the store
@@ -53,6 +54,10 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
+    batch_experts > 1 trains that many experts at once as one stacked network (`batched.NetStack`):
+    each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
+    (up to float rounding). Networks with batch norm, and runs in a process group (whose queue hands
+    out one expert at a time), are trained one by one regardless.
     `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
     In a process group (see the module's doc) only rank 0 reports, with one bar over all experts' epochs.
     """
@@ -63,8 +68,9 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
         strategy_operations(dsa_strategy)
     except ValueError as exc:
         raise TrajstoreError(f"dsa_strategy: {exc}") from None
-    if num_experts < 1 or epochs < 1:
-        raise TrajstoreError(f"need at least one expert and one epoch (got {num_experts}, {epochs})")
+    if num_experts < 1 or epochs < 1 or batch_experts < 1:
+        raise TrajstoreError(f"need at least one expert, one epoch and batch_experts >= 1 (got {num_experts}, "
+                             f"{epochs}, {batch_experts})")
     if group is not None:
         group.check_same("experts", {"out": str(out), "dataset": dataset if isinstance(dataset, str) else
                                      dataset.meta(), "model": model, "num_experts": num_experts, "epochs": epochs,
@@ -91,6 +97,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
         layers = trajstore.layer_table(build_spec(config))
+        stacked = batch_experts > 1 and group is None and stackable(build_spec(config))
     if group is not None and not main:
         group.barrier()  # rank 0 creates the store (or fails) first; the others join it
     with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
@@ -113,7 +120,15 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
         say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev}"
             + (f" x {group.world_size} processes)" if group is not None else ")"))
         with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not (progress and main)) as bar:
-            for index in queue:
+            group_args = dict(train=train, test=test, seed=seed, dev=dev, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy,
+                              epochs=epochs)
+            for first in range(0, len(todo) if stacked else 0, batch_experts):
+                _train_together(todo[first:first + batch_experts], lambda: build_spec(config), w, twin, say, bar,
+                                **group_args)
+                if twin is not None:
+                    twin.merge(set(w.existing_experts()))
+            for index in [] if stacked else queue:
                 s = derived_seed(seed, index)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s)
@@ -152,6 +167,61 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
         if twin is not None and main:
             twin.merge(set(w.existing_experts()))
     return out
+
+
+def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w, twin: "_LegacyTwin | None",
+                    say: Callable[[str], None], bar, *, train, test, seed: int, dev: torch.device, lr: float,
+                    momentum: float, weight_decay: float, batch_size: int, dsa: bool, dsa_strategy: str,
+                    epochs: int) -> None:
+    """Experts `group` trained at once, each as `train_experts` trains one alone, then published in order."""
+    group = list(group)
+    seeds = [derived_seed(seed, index) for index in group]
+    nets = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            nets.append(make_net().to(dev))
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
+    stack = NetStack(nets)
+    del nets
+    optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    records = [{"seed": s, "device": str(dev), "batch_experts": len(group), "train_acc": [], "test_acc": [],
+                "train_loss": []} for s in seeds]
+    writers = [w.expert(index, provenance=record) for index, record in zip(group, records)]
+    trajectories: list[list] = [[] for _ in group]
+    started = time.perf_counter()
+    try:
+        for epoch in range(epochs + 1):
+            if epoch > 0:
+                losses, train_accs = stack.train_epoch(*train, optimizer=optimizer, batch_size=batch_size,
+                                                       generators=generators, augments=augments, device=dev)
+                test_accs = stack.accuracy(*test, device=dev)
+                for index, record, loss, train_acc, test_acc in zip(group, records, losses, train_accs, test_accs):
+                    for key, value in zip(("train_loss", "train_acc", "test_acc"), (loss, train_acc, test_acc)):
+                        record[key].append(value)
+                    say(f"expert {index} epoch {epoch}/{epochs}: train loss {loss:.4f}, "
+                        f"train acc {100 * train_acc:.2f}%, test acc {100 * test_acc:.2f}%")
+                bar.update(len(group))
+            for k, ew in enumerate(writers):
+                params = [p.detach() for p in stack.network(k)]
+                ew.append(params)
+                if twin is not None:
+                    trajectories[k].append([p.to("cpu", copy=True) for p in params])
+        seconds = time.perf_counter() - started
+        while writers:  # published in index order, each right after its legacy twin (see _LegacyTwin)
+            index, record, ew, trajectory = group[0], records[0], writers[0], trajectories[0]
+            record["seconds"] = seconds
+            if twin is not None:
+                twin.add(index, trajectory)
+            ew.close()
+            del group[0], records[0], writers[0], trajectories[0]
+            say(f"expert {index} done in {seconds:.1f} s (trained together with others): "
+                f"test acc {100 * record['test_acc'][-1]:.2f}%")
+    except BaseException:
+        for ew in writers:  # nothing of the unpublished ones is written
+            ew.abort()
+        raise
 
 
 class _Queue:

@@ -364,7 +364,11 @@ class Matcher:
                                  f"{value} (expert {info.expert}, start {info.start:g}); lower lr_img or lr_lr")
         self.optimizer_img.zero_grad()
         self.optimizer_lr.zero_grad()
-        loss.backward()
+        # Asking for the images' and the lr's gradients alone (not loss.backward()) spares the
+        # Hessian-vector product into the expert's start point that backward() would compute and drop.
+        trained = (self.synset.images, self.synset.syn_lr)
+        for p, g in zip(trained, torch.autograd.grad(loss, trained, allow_unused=True)):
+            p.grad = g
         if self.parallel is not None:
             self.parallel.reduce_gradients(self.synset.images, self.synset.syn_lr)
         self.optimizer_img.step()

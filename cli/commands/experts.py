@@ -30,6 +30,9 @@ from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
 @click.option("--buffer-path", hidden=True, help="Upstream's --buffer_path: --legacy-dir becomes "
               "{buffer_path}/{dataset}[_NO_ZCA]/{model}, as upstream's buffer.py writes it.")
+@click.option("--batch-experts", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train this many experts at once as one stacked network (each its own seed, data order "
+                   "and DSA draws: the same experts as one by one, faster where one network leaves the device idle).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when present, else the CPU).")
 @nproc_option
@@ -37,8 +40,8 @@ from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, weight_decay,
-                    dsa_strategy, waypoints, smoothing, zca, dsa, legacy_dir, buffer_path, seed, device, nproc, plot,
-                    force, quiet):
+                    dsa_strategy, waypoints, smoothing, zca, dsa, legacy_dir, buffer_path, batch_experts, seed, device,
+                    nproc, plot, force, quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job.
 
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
@@ -53,7 +56,8 @@ def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, bat
     settings = dict(dataset=dataset, data_path=data_path, model=model, num_experts=num_experts, epochs=epochs,
                     lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca, **optional,
                     waypoints=waypoints, smoothing=None if smoothing == "none" else smoothing,
-                    legacy_dir=legacy_dir, seed=seed, device=device, progress=not quiet,
+                    legacy_dir=legacy_dir, seed=seed, device=device, batch_experts=batch_experts,
+                    progress=not quiet,
                     log=no_log if quiet else click.echo)
     path = launch(train_experts, nproc, (out,), settings, device=device)
     if path is None:  # a torchrun worker other than rank 0: rank 0 reports
