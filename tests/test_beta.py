@@ -25,6 +25,8 @@ def test_beta_by_hand():
     got = beta_from_norms(NORMS, EPOCHS)
     assert got.dtype == np.float64 and got.shape == (5, 2)
     np.testing.assert_allclose(got, BETA, rtol=1e-15, atol=0)
+    # scale-free: pieces shorter than 1 in total are normalised the same way (no "total > 1" slip)
+    np.testing.assert_allclose(beta_from_norms(NORMS * 1e-3, EPOCHS), BETA, rtol=1e-12, atol=0)
 
 
 def test_beta_one_piece_and_many_pieces():
@@ -90,6 +92,10 @@ def test_locate(c, want):
 
 @pytest.mark.parametrize("c", [-1e-9, -1, 4.000001, 5, math.nan, math.inf, -math.inf, "x", None, [1]])
 def test_locate_refuses_outside_0_K(c):
+    if c == 5:
+        with pytest.raises(OutOfRangeError) as err:
+            locate(c, EPOCHS)
+        assert str(err.value) == "position c=5.0 is outside [0, 4]"
     with pytest.raises(OutOfRangeError, match=r"position c=.* (is outside \[0, 4\]|must be a (real|finite) number)"):
         locate(c, EPOCHS)
 
