@@ -21,7 +21,6 @@ def default(name: str, flag: str | None = None) -> str:
     return f"[default: {(f'--{flag}' if value else f'--no-{flag}') if flag else value}]"
 
 
-
 @cli.command("experts", cls=UpstreamCommand, upstream=EXPERTS_ALIASES)
 @click.argument("out", type=click.Path())
 @click.option("--dataset", help="digits, cifar10, cifar100, tinyimagenet, imagefolder or folder:<path>. "
