@@ -38,6 +38,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                   batch_size: int = EXPERTS.batch_size, momentum: float = EXPERTS.momentum,
                   weight_decay: float = EXPERTS.weight_decay, dsa: bool = EXPERTS.dsa,
                   dsa_strategy: str = EXPERTS.dsa_strategy, zca: bool = EXPERTS.zca, waypoints: Sequence[int] = (),
+                  smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = EXPERTS.seed,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print) -> Path:
@@ -48,6 +49,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
+    `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
     """
     out = Path(out)
     try:
@@ -74,7 +76,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
         layers = trajstore.layer_table(build_spec(config))
-    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
+    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
+                          architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         finished = w.existing_experts()
         todo = [i for i in range(num_experts) if i not in set(finished)]

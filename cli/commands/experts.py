@@ -7,7 +7,8 @@ import dataclasses
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, upstream_expert_dir
+from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING_HELP, UpstreamCommand, epoch_list,
+                                   upstream_expert_dir)
 from trajstore.distill.defaults import EXPERTS
 
 # The defaults are train_experts' own (decided in distill.defaults, which imports no torch): an option
@@ -36,6 +37,8 @@ def default(name: str, flag: str | None = None) -> str:
 @click.option("--weight-decay", type=float, help="SGD weight decay (L2). " + default("weight_decay"))
 @click.option("--dsa-strategy", help="DSA operations. " + default("dsa_strategy"))
 @click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
+@click.option("--smoothing", type=click.Choice(SMOOTHING_CHOICES),
+              help=SMOOTHING_HELP + " [default: none]")
 @click.option("--zca/--no-zca", default=None, help="ZCA-whiten the data (kornia, eps 0.1). " + default("zca", "zca"))
 @click.option("--dsa/--no-dsa", default=None, help="Differentiable siamese augmentation. " + default("dsa", "dsa"))
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
@@ -52,6 +55,8 @@ def experts_command(out, buffer_path, plot, force, quiet, **settings):
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
     from trajstore.distill.experts import plot_accuracy, train_experts
 
+    if settings["smoothing"] == "none":  # spelled out: the same as not given (train_experts: no smoothing)
+        settings["smoothing"] = None
     given = {name: value for name, value in settings.items() if value is not None}
     if buffer_path is not None:
         if "legacy_dir" in given:
