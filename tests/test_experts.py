@@ -175,6 +175,10 @@ def test_cli_passes_on_only_the_options_given_so_train_experts_decides_the_rest(
     runner = CliRunner()
     assert runner.invoke(cli, ["experts", str(tmp_path / "a"), "--quiet"]).exit_code == 0
     assert set(calls[-1]) == {"waypoints", "progress", "log"} and calls[-1]["waypoints"] == ()
+    assert runner.invoke(cli, ["experts", str(tmp_path / "a"), "--smoothing", "none", "--quiet"]).exit_code == 0
+    assert "smoothing" not in calls[-1]  # "none" spelled out is the default: no smoothing
+    assert runner.invoke(cli, ["experts", str(tmp_path / "a"), "--smoothing", "binomial", "--quiet"]).exit_code == 0
+    assert calls[-1]["smoothing"] == "binomial"
     r = runner.invoke(cli, ["experts", str(tmp_path / "a"), "--train_epochs", "3", "--lr_teacher", "0.05",
                             "--no-zca", "--dsa", "False", "--seed", "7", "--quiet"])
     assert r.exit_code == 0, r.output
