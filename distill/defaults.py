@@ -32,6 +32,7 @@ class ExpertDefaults:
     dsa_strategy: str = DSA_STRATEGY
     zca: bool = False
     seed: int = 0
+    batch_experts: int = 1  # experts trained at once (speed only: the same experts as one by one)
 
 
 EXPERTS = ExpertDefaults()

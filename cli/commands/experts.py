@@ -8,7 +8,7 @@ import click
 
 from trajstore.cli.main import cli
 from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING_HELP, UpstreamCommand, epoch_list,
-                                   upstream_expert_dir)
+                                   no_log, nproc_option, upstream_expert_dir)
 from trajstore.distill.defaults import EXPERTS
 
 # The defaults are train_experts' own (decided in distill.defaults, which imports no torch): an option
@@ -44,15 +44,21 @@ def default(name: str, flag: str | None = None) -> str:
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
 @click.option("--buffer-path", hidden=True, help="Upstream's --buffer_path: --legacy-dir becomes "
               "{buffer_path}/{dataset}[_NO_ZCA]/{model}, as upstream's buffer.py writes it.")
+@click.option("--batch-experts", type=click.IntRange(min=1),
+              help="Train this many experts at once as one stacked network (each its own seed, data order "
+                   "and DSA draws: the same experts as one by one, faster where one network leaves the device idle). "
+                   + default("batch_experts"))
 @click.option("--seed", type=int, help=default("seed"))
 @click.option("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when present, else the CPU).")
+@nproc_option
 @click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
-def experts_command(out, buffer_path, plot, force, quiet, **settings):
+def experts_command(out, buffer_path, nproc, plot, force, quiet, **settings):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job.
 
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
+    from trajstore.distill.distributed import launch
     from trajstore.distill.experts import plot_accuracy, train_experts
 
     if settings["smoothing"] == "none":  # spelled out: the same as not given (train_experts: no smoothing)
@@ -63,7 +69,10 @@ def experts_command(out, buffer_path, plot, force, quiet, **settings):
             raise click.UsageError("give --legacy-dir or --buffer_path, not both")
         chosen = {**DEFAULTS, **given}
         given["legacy_dir"] = upstream_expert_dir(buffer_path, chosen["dataset"], chosen["zca"], chosen["model"])
-    path = train_experts(out, **given, progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    given.update(progress=not quiet, log=no_log if quiet else click.echo)
+    path = launch(train_experts, nproc, (out,), given, device=settings["device"])
+    if path is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     click.echo(f"wrote {path}")
     if plot:
         click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force)}")
