@@ -13,7 +13,9 @@ from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, 
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, cifar10, cifar100, tinyimagenet, imagefolder or folder:<path>.")
 @click.option("--data-path", type=click.Path(), help="Where the dataset's files are (not needed for digits).")
-@click.option("--model", default="ConvNet", show_default=True, help="ConvNet, ConvNetD4, ConvNetW256, ConvNetBN, MLP, LeNet, AlexNet, VGG11, ResNet18, ResNet18BN_AP, ...")
+@click.option("--model", default="ConvNet", show_default=True,
+              help="Any upstream MTT network: ConvNet, ConvNetD4, ConvNetW256, ConvNetBN, MLP, LeNet, AlexNet, VGG11, "
+              "VGG11BN, ResNet18, ResNet18BN, ResNet18_AP, ResNet18BN_AP, ...")
 @click.option("--num-experts", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=0.01, show_default=True, type=float)
