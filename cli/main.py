@@ -15,6 +15,10 @@ class Group(click.Group):
             return super().invoke(ctx)
         except TrajstoreError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # permissions, a full disk, ...: the file and the reason, not a traceback
+            from trajstore.errors import from_os_error
+
+            raise click.ClickException(str(from_os_error(exc))) from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

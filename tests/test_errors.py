@@ -238,4 +238,7 @@ def test_missing_expert_directory_contents(path):
     with pytest.raises(trajstore.FormatError, match="step_norms"):
         trajstore.open(path).expert(1).verify()
     os.remove(path / "experts" / "000000" / "zarr.json")
-    assert trajstore.open(path).num_experts == 1  # an unpublished expert is not part of the store
+    # the root lists its experts (format version 2, issue 14): a deleted manifest is an error, not an
+    # expert that silently disappears; an unpublished (hidden, unlisted) expert is not part of the store
+    with pytest.raises(trajstore.FormatError, match="listed in the root metadata is missing"):
+        trajstore.open(path)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from importlib import import_module
 
 from .errors import (ChecksumError, DegenerateTrajectoryError, ExistsError, FormatError, InvalidTensorError,
-                     IndexTypeError, OutOfRangeError, TrajstoreError, UnsafeFileError, VersionError)
+                     IndexTypeError, OutOfRangeError, StorageError, TrajstoreError, UnsafeFileError,
+                     VersionError)
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,7 @@ __all__ = [
     "open", "create", "CTraj", "Expert", "Writer", "ExpertWriter", "Layer", "layer_table",
     "beta_from_norms", "anchor_epochs_with", "FORMAT_NAME", "FORMAT_VERSION",
     "TrajstoreError", "FormatError", "ChecksumError", "VersionError", "ExistsError", "InvalidTensorError",
-    "OutOfRangeError", "IndexTypeError", "UnsafeFileError", "DegenerateTrajectoryError",
+    "OutOfRangeError", "IndexTypeError", "UnsafeFileError", "DegenerateTrajectoryError", "StorageError",
 ]
 
 

@@ -30,3 +30,6 @@ def verify_command(path, as_json, quiet):
         click.echo(json.dumps(result))
     else:
         click.echo(f"OK: {result['path']} ({result['kind']}, {result['num_experts']} experts)")
+        if result.get("unlisted"):  # published by an append that has not closed (or was interrupted)
+            click.echo(f"note: {len(result['unlisted'])} expert(s) published but not yet listed ({result['unlisted'][:5]}): "
+                       "an append in progress, or interrupted (append to it again and close to list them)")

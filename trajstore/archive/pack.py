@@ -13,13 +13,14 @@ import torch
 from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
-from ..errors import ExistsError, FormatError, TrajstoreError
+from ..stores.overlap import check_separate
+from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
 from ..legacy import open_buffer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
 from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
-                    open_archive, trajectory_sha256)
+                    open_archive, seal_root, trajectory_sha256)
 from ..tools.reports import WriteReport
 from ..tools.threads import single_threaded
 
@@ -52,6 +53,7 @@ def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
 
 
 @single_threaded()
+@os_errors(arg="out")
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
          architecture=None, kind: str | None = None) -> PackReport:
     """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
@@ -59,6 +61,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
     from zarr.storage import LocalStore
 
     out = Path(out)
+    check_separate([src], out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
     if is_archive(src):
@@ -67,6 +70,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
     if isinstance(source, MCTPairBuffer):
         raise FormatError(f"is an MCT waypoint store ({source.kind}), already compressed; convert it to a "
                           ".ctraj instead (packing keeps full trajectories)", src)
+    check_separate(source.files, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.temp_sibling(out, "build")
     try:
@@ -97,6 +101,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
             "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "tool": f"trajstore {__version__}"},
         }
+        seal_root(tmp, len(source.layers))
         open_archive(tmp)  # what was written must read back before it replaces anything
         atomic.publish_dir(tmp, out, overwrite=overwrite)
     finally:
@@ -107,6 +112,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
 
 
 @single_threaded()
+@os_errors(arg="out_dir")
 def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
            overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
@@ -114,6 +120,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
     bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
     from ..tools.export import write_buffer_dir
 
+    check_separate([archive], out_dir)
     buf: ArchiveBuffer = open_archive(archive)
     if per_file is None:
         groups: dict[str, list[int]] = {}
@@ -130,8 +137,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
         for name, experts in plan:
             trajectories = []
             for i in experts:
-                steps = buf.trajectory(i)
-                buf.check(i, steps)
+                steps = buf.trajectory(i)  # checked against the sha256 recorded when packing
                 trajectories.append([[t.clone() for t in step] for step in steps])  # a storage per tensor
                 bar.update()
             yield name, trajectories

@@ -17,12 +17,15 @@ import numpy as np
 import torch
 
 from ..errors import ChecksumError, FormatError, VersionError
+from ..format import checksums
+from ..format.arguments import short_repr
 from ..format.layers import Layer
+from ..format.layout import SHA256_HEX, is_int
 from ..legacy.buffer import LegacyBuffer
 from . import codec  # noqa: F401  (registers the XOR filter with zarr before any array is opened)
 
 FORMAT = "ctraj-archive"
-VERSION = 1
+VERSION = 2  # 2: the root records its own sha256 and each array's zarr.json sha256
 ATTRIBUTE = "trajstore_archive"
 PARAMS = "params"
 BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -36,10 +39,55 @@ def array_name(index: int) -> str:
 def _root_meta(path: Path) -> dict | None:
     try:
         doc = json.loads((path / "zarr.json").read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     return attrs.get(ATTRIBUTE) if isinstance(attrs, dict) else None
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the types of the archive attribute, if anything."""
+    checks = {
+        "layers": lambda v: isinstance(v, list) and len(v) > 0,
+        "num_timesteps": lambda v: is_int(v) and v >= 2,
+        "stride": lambda v: is_int(v) and v >= 1,
+        "source": lambda v: isinstance(v, dict),
+        "experts": lambda v: isinstance(v, list) and all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and SHA256_HEX.fullmatch(e["sha256"])
+            for e in v),
+    }
+    for key, ok in checks.items():
+        if not ok(meta.get(key)):
+            return f"{key!r} is {short_repr(meta.get(key))}"
+    return None
+
+
+def _check_sealed(path: Path, meta: dict, num_layers: int) -> None:
+    """Version 2: the root zarr.json matches its own sha256 and lists the sha256 of every array's
+    zarr.json (codecs, shape, layer), so no metadata that decides the numbers can change unseen."""
+    where = path / "zarr.json"
+    arrays, digest = meta.get("arrays"), meta.get("sha256")
+    if (not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest) or not isinstance(arrays, list)
+            or len(arrays) != num_layers or not all(isinstance(a, str) and SHA256_HEX.fullmatch(a) for a in arrays)):
+        raise FormatError("malformed archive metadata: 'sha256' and 'arrays' must be sha256 digests, one per layer",
+                          where)
+    checksums.check_sealed(where.read_bytes(), digest, where)
+    for index, recorded in enumerate(arrays):
+        key = path / array_name(index) / "zarr.json"
+        try:
+            data = key.read_bytes()
+        except OSError as exc:
+            raise FormatError(f"cannot read the array's metadata ({exc.strerror or exc})", key) from None
+        checksums.check(data, recorded, key)
+
+
+def seal_root(path: Path, num_layers: int) -> None:
+    """Record each array's zarr.json sha256 and the root's own sha256 in the root zarr.json (pack)."""
+    doc = json.loads((path / "zarr.json").read_bytes())
+    meta = doc["attributes"][ATTRIBUTE]
+    meta["arrays"] = [checksums.sha256((path / array_name(i) / "zarr.json").read_bytes()) for i in range(num_layers)]
+    meta["sha256"] = checksums.PLACEHOLDER
+    (path / "zarr.json").write_bytes(checksums.seal(json.dumps(doc, indent=2).encode(), path))
 
 
 def is_archive(path: str | os.PathLike) -> bool:
@@ -71,19 +119,21 @@ class ArchiveBuffer(LegacyBuffer):
         meta = _root_meta(self.path)
         if meta is None:
             raise FormatError("not a trajstore archive (no trajstore_archive attribute in zarr.json)", self.path)
-        if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
+        if meta.get("format") != FORMAT or not is_int(meta.get("version")) or meta["version"] < 1:
             raise FormatError("malformed archive metadata", self.path / "zarr.json")
         if meta["version"] > VERSION:
             raise VersionError(f"written by archive version {meta['version']}; this trajstore reads up to "
                                f"{VERSION} (upgrade trajstore)", self.path)
-        try:
-            layers = tuple(Layer.from_json(x, self.path) for x in meta["layers"])
-            self._experts = list(meta["experts"])
-            num_timesteps = int(meta["num_timesteps"])
-            self.stride = int(meta["stride"])
-            self._source = dict(meta["source"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"malformed archive metadata ({exc})", self.path / "zarr.json") from None
+        problem = _meta_problem(meta)
+        if problem:
+            raise FormatError(f"malformed archive metadata: {problem}", self.path / "zarr.json")
+        layers = tuple(Layer.from_json(x, self.path / "zarr.json") for x in meta["layers"])
+        if meta["version"] >= 2:
+            _check_sealed(self.path, meta, len(layers))
+        self._experts = list(meta["experts"])
+        num_timesteps = meta["num_timesteps"]
+        self.stride = meta["stride"]
+        self._source = dict(meta["source"])
         super().__init__([self.path], [len(self._experts)], num_timesteps, layers, meta.get("architecture"))
         self.path = Path(path)
         self.training = dict(meta.get("training") or {})
@@ -96,6 +146,9 @@ class ArchiveBuffer(LegacyBuffer):
             except Exception as exc:  # zarr reports missing or corrupt metadata with many types
                 raise FormatError(f"cannot open the array of layer {layer.name!r} ({type(exc).__name__}: {exc})",
                                   where) from None
+            if arr.attrs.get("layer") != layer.to_json():  # the root's table and the array must agree
+                raise FormatError(f"array {array_name(index)} holds layer {short_repr(arr.attrs.get('layer'))}, "
+                                  f"the root's layer table {layer.to_json()}", where)
             want = (len(self._experts), num_timesteps, layer.numel)
             if arr.shape != want or arr.dtype != np.dtype(BITS[layer.torch_dtype.itemsize]):
                 raise FormatError(f"array of layer {layer.name!r} is {arr.dtype} {arr.shape}, expected "
@@ -137,10 +190,13 @@ class ArchiveBuffer(LegacyBuffer):
         return torch.from_numpy(signed).view(layer.torch_dtype)
 
     def trajectory(self, i: int) -> list[list[torch.Tensor]]:
+        """Expert i's timesteps, checked against the sha256 recorded when packing."""
         _, j = self.locate(i)
         per_layer = [self._tensor(self._read(k, (j,)), layer) for k, layer in enumerate(self.layers)]
-        return [[x[t].view(layer.shape) for x, layer in zip(per_layer, self.layers)]
-                for t in range(self.num_timesteps)]
+        steps = [[x[t].view(layer.shape) for x, layer in zip(per_layer, self.layers)]
+                 for t in range(self.num_timesteps)]
+        self.check(i, steps)
+        return steps
 
     def timestep(self, i: int, t: int) -> list[torch.Tensor]:
         _, j = self.locate(i)
@@ -155,8 +211,8 @@ class ArchiveBuffer(LegacyBuffer):
 
     def verify(self) -> None:
         """Decode every expert (each chunk checks its CRC32C) and compare with the sha256 recorded at packing."""
-        for i, steps in enumerate(self.iter_trajectories()):
-            self.check(i, steps)
+        for _ in self.iter_trajectories():  # trajectory() checks each
+            pass
 
 
 def open_archive(path: str | os.PathLike) -> ArchiveBuffer:

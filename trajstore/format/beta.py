@@ -9,11 +9,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import OutOfRangeError, TrajstoreError
+from .arguments import integer, integers, real
 
 
 def check_anchor_epochs(anchor_epochs: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
     """Anchors are strictly increasing integer epochs from 0 to K = num_timesteps - 1."""
-    epochs = tuple(int(e) for e in anchor_epochs)
+    epochs = integers(anchor_epochs, "anchor_epochs")
+    num_timesteps = integer(num_timesteps, "num_timesteps")
     last = num_timesteps - 1
     if num_timesteps < 2:
         raise TrajstoreError(f"a trajectory needs at least 2 timesteps, got {num_timesteps}")
@@ -26,8 +28,8 @@ def check_anchor_epochs(anchor_epochs: Sequence[int], num_timesteps: int) -> tup
 
 def anchor_epochs_with(waypoints: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
     """Anchor epochs for the given inner waypoints (e.g. (6, 25) for MCT's CIFAR-10 setting)."""
-    last = num_timesteps - 1
-    inner = sorted(set(int(w) for w in waypoints))
+    last = integer(num_timesteps, "num_timesteps") - 1
+    inner = sorted(set(integers(waypoints, "waypoints")))
     bad = [w for w in inner if not 0 < w < last]
     if bad:
         raise TrajstoreError(f"waypoints {bad} lie outside the open range (0, {last})")
@@ -63,11 +65,8 @@ def locate(c: float, anchor_epochs: Sequence[int]) -> tuple[int, int, int, float
     An inner anchor belongs to the piece that starts there, so c = e_j reads anchor e_j exactly.
     """
     last = anchor_epochs[-1]
-    try:
-        c = float(c)
-    except (TypeError, ValueError):
-        raise OutOfRangeError(f"position c={c!r} is not a number") from None
-    if not math.isfinite(c) or c < 0 or c > last:
+    c = real(c, "position c")
+    if c < 0 or c > last:
         raise OutOfRangeError(f"position c={c} is outside [0, {last}]")
     piece = bisect.bisect_right(anchor_epochs, c, 0, len(anchor_epochs) - 1) - 1
     lo = math.floor(c)

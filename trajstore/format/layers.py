@@ -45,13 +45,14 @@ class Layer:
 
     @classmethod
     def from_json(cls, obj: Mapping, path=None) -> "Layer":
-        try:
-            layer = cls(str(obj["name"]), tuple(int(s) for s in obj["shape"]), str(obj["dtype"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"malformed layer entry {obj!r}", path) from exc
-        if layer.dtype not in DTYPES or any(s < 0 for s in layer.shape):
-            raise FormatError(f"unsupported layer entry {obj!r}", path)
-        return layer
+        ok = (isinstance(obj, Mapping) and isinstance(obj.get("name"), str) and obj["name"]
+              and isinstance(obj.get("shape"), list) and obj.get("dtype") in DTYPES
+              and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in obj["shape"]))
+        if not ok:
+            text = repr(obj)
+            raise FormatError(f"malformed layer entry {text if len(text) < 80 else text[:77] + '...'} (expected "
+                              f"a name, a list of sizes >= 0 and one of {', '.join(DTYPES)})", path)
+        return cls(obj["name"], tuple(obj["shape"]), obj["dtype"])
 
 
 def layer_table(spec) -> tuple[Layer, ...]:

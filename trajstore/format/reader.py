@@ -11,17 +11,31 @@ import numpy as np
 import torch
 
 from . import anchorfile, checksums
+from .arguments import real, short_repr
+from .arrays import check_beta, check_step_norms, decode_array
 from .beta import locate, piece_weights
-from ..errors import FormatError, IndexTypeError, OutOfRangeError, TrajstoreError
-from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, load_json
+from ..errors import FormatError, IndexTypeError, OutOfRangeError, TrajstoreError, os_errors
+from .layers import DTYPE_NAMES
+from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, decode_manifest, expert_dir,
+                     expert_id_of)
 from ..stores.cache import DiskCache
 from ..stores.location import locate as locate_target, open_store
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
 
-def _device(device) -> torch.device:
-    return torch.device("cpu") if device is None else torch.device(device)
+def _device(device, where=None) -> torch.device:
+    try:
+        return torch.device("cpu") if device is None else torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise TrajstoreError(f"device={short_repr(device)} is not a torch device ({exc})", where) from None
+
+
+def _dtype(dtype, where=None):
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise TrajstoreError(f"dtype={short_repr(dtype)} is not supported; use one of "
+                             f"{', '.join(str(d) for d in DTYPE_NAMES)} (or None for the stored dtype)", where)
+    return dtype
 
 
 def _index(i, n: int, what: str, path) -> int:
@@ -83,12 +97,12 @@ class Expert:
     def _manifest(self) -> dict[str, str]:
         if self._files is None:
             key = f"{self._dir}/{ROOT_META}"
-            doc = load_json(self._s._store.read_bytes(key), self._s._describe(key))
-            info = (doc.get("attributes") or {}).get("trajstore_expert")
-            if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
-                raise FormatError("expert metadata lacks its file list", self._s._describe(key))
-            self._provenance = info.get("provenance") or {}
-            self._files = info["files"]
+            data, where = self._s._store.read_bytes(key), self._s._describe(key)
+            files, self._provenance = decode_manifest(data, where, self.id, self.anchor_epochs)
+            recorded = self._s.meta.experts
+            if recorded is not None and self._s.verify_checksums:  # version 2: the root covers the manifest
+                checksums.check(data, recorded[self._dir.rsplit("/", 1)[-1]], where)
+            self._files = files
         return self._files
 
     def _bytes(self, rel: str, mapped: bool = False):
@@ -107,26 +121,14 @@ class Expert:
 
     def _array(self, name: str, shape: tuple[int, int]) -> np.ndarray:
         if name not in self._arrays:
-            # Each file of the array is read once, checksummed (zarr would decode corrupt bytes
-            # silently) and handed to zarr in memory, whatever store it came from.
+            # only files of the manifest, each checked first: zarr would decode anything it finds
             files = {rel: self._bytes(rel) for rel in self._manifest() if rel.startswith(f"{name}/")}
             where = self._s._describe(f"{self._dir}/{name}")
-            try:
-                import zarr
-                from zarr.core.buffer import default_buffer_prototype
-                from zarr.storage import MemoryStore
-
-                buffer = default_buffer_prototype().buffer
-                held = MemoryStore({rel: buffer.from_bytes(bytes(data)) for rel, data in files.items()},
-                                   read_only=True)
-                arr = zarr.open_array(store=held, path=name, mode="r")
-                values = np.asarray(arr[...], dtype=np.float64)
-            except Exception as exc:  # zarr reports corruption with many exception types
-                raise FormatError(f"cannot read zarr array ({type(exc).__name__}: {exc})", where) from None
-            if values.shape != shape:
-                raise FormatError(f"array has shape {values.shape}, expected {shape}", where)
-            if not np.isfinite(values).all():
-                raise FormatError("array holds NaN or infinite values", where)
+            values = decode_array(files, name, shape, where)
+            if name == BETA:
+                check_beta(values, self.anchor_epochs, where)
+            else:
+                check_step_norms(values, where)
             self._arrays[name] = values
         return self._arrays[name]
 
@@ -142,10 +144,10 @@ class Expert:
 
     def anchor(self, epoch: int, *, device=None, dtype=None) -> dict[str, torch.Tensor]:
         """The stored checkpoint at an anchor epoch, as fresh tensors."""
-        if epoch not in self.anchor_epochs:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch not in self.anchor_epochs:
             raise OutOfRangeError(f"epoch {epoch} is not an anchor; anchors are {list(self.anchor_epochs)}",
                                   self._s.path)
-        tensors = self._s._anchor(self, epoch, _device(device), dtype)
+        tensors = self._s._anchor(self, int(epoch), _device(device, self._s.path), _dtype(dtype, self._s.path))
         return {layer.name: t.view(layer.shape).clone() for layer, t in zip(self._s.layers, tensors)}
 
     @property
@@ -157,14 +159,18 @@ class Expert:
 
         With flat=True, `out` may be a preallocated vector to fill (saves an allocation per call).
         """
+        path = self._s.path
         if self._beta_rows is None:
             self._beta_rows = self.beta.tolist()
         epochs = self._s.meta.anchor_epochs
         try:
             piece, ws = piece_weights(self._beta_rows, epochs, c)
         except OutOfRangeError as exc:
-            raise OutOfRangeError(str(exc), self._s.path) from None
-        dev = _device(device)
+            raise OutOfRangeError(str(exc), path) from None
+        dev, dtype = _device(device, path), _dtype(dtype, path)
+        if out is not None and (not flat or not isinstance(out, torch.Tensor)):
+            raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
+                                 path)
         a = self._s._anchor(self, epochs[piece], dev, dtype)
         b = self._s._anchor(self, epochs[piece + 1], dev, dtype)
         if flat:
@@ -189,10 +195,14 @@ class Expert:
 
     def window(self, c: float, m: float, flat: bool = False, device=None, dtype=None):
         """(theta(c), theta(min(c + m, K))): the start and target of one matching iteration."""
-        locate(c, self.anchor_epochs)
-        if not np.isfinite(m) or m < 0:
+        try:
+            locate(c, self.anchor_epochs)
+            c, m = real(c, "position c"), real(m, "window length m")
+        except OutOfRangeError as exc:
+            raise OutOfRangeError(str(exc), self._s.path) from None
+        if m < 0:
             raise OutOfRangeError(f"window length m={m} must be a finite number >= 0", self._s.path)
-        end = min(float(c) + float(m), float(self.num_timesteps - 1))
+        end = min(c + m, float(self.num_timesteps - 1))
         return (self.at(c, flat=flat, device=device, dtype=dtype),
                 self.at(end, flat=flat, device=device, dtype=dtype))
 
@@ -202,6 +212,11 @@ class Expert:
         for epoch in self.anchor_epochs:
             if anchor_name(epoch) not in files:
                 raise FormatError(f"anchor of epoch {epoch} is missing", self._s._describe(self._dir))
+        unlisted = sorted(set(self._s._store.files(self._dir)) - {f"{self._dir}/{rel}" for rel in files}
+                          - {f"{self._dir}/{ROOT_META}"})
+        if unlisted:  # §3: a reader refuses a file the manifest does not list
+            raise FormatError("file is not listed in the expert's manifest (added or renamed after writing?)",
+                              self._s._describe(unlisted[0]))
         for rel in files:
             data = self._bytes(rel, mapped=True)
             if rel.endswith(".safetensors"):
@@ -222,7 +237,8 @@ class CTraj:
         self._store = open_store(location)
         self._disk = None
         self._disk_settings = (cache_dir, disk_cache_bytes)
-        meta = StoreMeta.decode(self._store.read_bytes(ROOT_META), self._describe(ROOT_META))
+        meta = StoreMeta.decode(self._store.read_bytes(ROOT_META), self._describe(ROOT_META),
+                                check=verify_checksums)
         if not meta.complete:
             raise FormatError("unfinished write: the writer was interrupted before closing the store "
                               "(resume it with append=True, or remove it)", self.path)
@@ -232,7 +248,7 @@ class CTraj:
         self.num_params = sum(self._numels)
         self._uniform_dtype = len({layer.dtype for layer in meta.layers}) <= 1
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
-        self._ids = sorted(int(n) for n in self._store.groups_with(EXPERTS, ROOT_META) if n.isdigit())
+        self._ids, self.unlisted_ids = self._expert_ids()
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = cache_bytes
@@ -242,6 +258,23 @@ class CTraj:
     def __repr__(self):
         return (f"<CTraj {self.path}: {self.num_experts} experts, {self.num_timesteps} timesteps, "
                 f"anchors {list(self.anchor_epochs)}, {len(self.layers)} layers>")
+
+    def _expert_ids(self) -> tuple[list[int], list[int]]:
+        """(the store's expert ids, ids of published experts the root does not list yet).
+
+        A version-2 root lists its experts as of the last close, so an expert deleted or renamed is an
+        error, and one published since (an append in progress or interrupted) is not yet part of the
+        store. Only canonical names count: "1" or digits of other scripts never alias expert 000001.
+        """
+        present = {i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META)) if i is not None}
+        if self.meta.experts is None:  # version 1: whatever is there
+            return sorted(present), []
+        listed = {expert_id_of(name) for name in self.meta.experts}
+        missing = sorted(listed - present)
+        if missing:
+            raise FormatError("expert listed in the root metadata is missing (its zarr.json was deleted or renamed); "
+                              "restore it from a copy", self._describe(f"{expert_dir(missing[0])}/{ROOT_META}"))
+        return sorted(listed), sorted(present - listed)
 
     def _describe(self, key: str):
         return self._store.describe(key)
@@ -284,7 +317,7 @@ class CTraj:
         return self.expert(_index(i, self.num_experts, "expert", self.path))
 
     def expert(self, i: int) -> Expert:
-        if not isinstance(i, (int, np.integer)) or not -self.num_experts <= i < self.num_experts:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -self.num_experts <= i < self.num_experts:
             raise OutOfRangeError(f"expert index {i!r} out of range: the store has {self.num_experts} experts",
                                   self.path)
         i = int(i) % self.num_experts
@@ -292,6 +325,7 @@ class CTraj:
             self._experts[i] = Expert(self, i, self._ids[i])
         return self._experts[i]
 
+    @os_errors()
     def verify(self) -> None:
         """Check every expert's files against their checksums; raises the first problem found."""
         for expert in self:
@@ -352,5 +386,6 @@ def open(path: str | os.PathLike, *, verify_checksums: bool = True, cache_bytes:
     filesystem (endpoint, credentials, ...). Anchors of a remote store are fetched once into a local
     disk cache (`cache_dir`, at most `disk_cache_bytes`; defaults in trajstore.stores.cache) and
     verified against the manifest before use."""
-    return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes,
-                 storage_options=storage_options, cache_dir=cache_dir, disk_cache_bytes=disk_cache_bytes)
+    with os_errors(path):
+        return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes,
+                     storage_options=storage_options, cache_dir=cache_dir, disk_cache_bytes=disk_cache_bytes)

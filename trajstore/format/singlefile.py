@@ -10,9 +10,10 @@ import struct
 import zipfile
 from pathlib import Path
 
-from ..errors import ExistsError, TrajstoreError
+from ..errors import ExistsError, TrajstoreError, os_errors
 from ..stores import atomic
 from ..stores.location import Location
+from ..stores.overlap import check_separate
 
 ALIGN = 64
 PAD_EXTRA_ID = 0xD935  # the id Android's zipalign uses for padding; readers skip unknown extras
@@ -20,6 +21,10 @@ PAD_EXTRA_ID = 0xD935  # the id Android's zipalign uses for padding; readers ski
 
 def write_single_file(src_dir: Path, dst: Path, *, overwrite: bool = False) -> None:
     src_dir, dst = Path(src_dir), Path(dst)
+    links = [p for p in src_dir.rglob("*") if p.is_symlink()]
+    if links:  # the single file must hold the store's own bytes, never a file a link points to
+        raise TrajstoreError("is a symbolic link; the single-file form is made only of the store's own files "
+                             "(copy the target into the store first)", links[0])
     tmp = atomic.temp_sibling(dst)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -69,19 +74,23 @@ def extract_single_file(src: Path, dst_dir: Path, *, overwrite: bool = False) ->
         atomic.remove(tmp)
 
 
+@os_errors(arg="dst")
 def to_single_file(src, dst, *, overwrite: bool = False) -> Path:
     """Write the single-file form of a directory .ctraj (which must open cleanly first)."""
     from .reader import open as open_ctraj
 
+    check_separate([src], dst)
     open_ctraj(src).verify()
     write_single_file(Path(src), Path(dst), overwrite=overwrite)
     return Path(dst)
 
 
+@os_errors(arg="dst")
 def to_directory(src, dst, *, overwrite: bool = False) -> Path:
     """Unpack a single-file .ctraj into the directory form."""
     from .reader import open as open_ctraj
 
+    check_separate([src], dst)
     open_ctraj(src).verify()
     extract_single_file(Path(src), Path(dst), overwrite=overwrite)
     return Path(dst)

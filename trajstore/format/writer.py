@@ -15,10 +15,12 @@ import torch
 from . import anchorfile, checksums
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store
+from .arguments import integer
 from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
-from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError
+from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError, os_errors
 from .layers import as_tensor_list, layer_table
-from .layout import BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, group_json
+from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
+                     group_json)
 from .singlefile import publish_single_file
 
 SMOOTHING = ("mct",)
@@ -41,7 +43,9 @@ def encode_zarr_array(name: str, data: np.ndarray) -> dict[str, bytes]:
     from zarr.storage import MemoryStore
 
     held: dict = {}
-    zarr.create_array(MemoryStore(held), name=name, data=data, chunks=data.shape, overwrite=False)
+    # every chunk is written, even an all-zero one: readers refuse a chunk the manifest does not list
+    zarr.create_array(MemoryStore(held), name=name, data=data, chunks=data.shape, overwrite=False,
+                      config={"write_empty_chunks": True})
     return {key: buf.to_bytes() for key, buf in sorted(held.items()) if key.startswith(f"{name}/")}
 
 
@@ -109,7 +113,8 @@ class ExpertWriter:
             raise InvalidTensorError(f"expert {self.id} got {self._t} timesteps, expected "
                                      f"{self._last + 1}; nothing was written for it", self._w.path)
         self._done = True
-        self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
+        with os_errors(self._w.path):
+            self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
         return self.id
 
     def abort(self) -> None:
@@ -129,11 +134,13 @@ class ExpertWriter:
 class Writer:
     """Writes a .ctraj; use `trajstore.create(...)` to make one."""
 
+    @os_errors(arg="path")
     def __init__(self, path, layers, num_timesteps: int, *, anchor_epochs: Sequence[int] | None = None,
                  waypoints: Sequence[int] = (), smoothing: str | None = None, architecture: dict | None = None,
                  training: dict | None = None, provenance: dict | None = None, single_file: bool = False,
                  overwrite: bool = False, append: bool = False, storage_options: dict | None = None):
         layers = layer_table(layers)
+        num_timesteps = integer(num_timesteps, "num_timesteps", path)
         if anchor_epochs is None:
             anchor_epochs = anchor_epochs_with(waypoints, num_timesteps)
         elif waypoints:
@@ -141,14 +148,17 @@ class Writer:
         if smoothing not in (None, *SMOOTHING):
             raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHING)}")
         prov = {"created": _now(), "tool": _tool(), **(provenance or {})}
-        self.meta = StoreMeta(layers=layers, num_timesteps=int(num_timesteps),
-                              anchor_epochs=check_anchor_epochs(anchor_epochs, int(num_timesteps)),
+        self.meta = StoreMeta(layers=layers, num_timesteps=num_timesteps,
+                              anchor_epochs=check_anchor_epochs(anchor_epochs, num_timesteps),
                               smoothing=smoothing, architecture=architecture, training=dict(training or {}),
                               provenance=prov)
         self.single_file = single_file
         self._overwrite = overwrite
         self._target = locate(path, storage_options)
         self.path = self._target.path if self._target.path is not None else self._target.url  # Path, or a URL
+        if isinstance(self.path, Path) and self.path.is_symlink() and not self.path.exists():
+            # creating it would fail and joining it would wait for metadata that never comes
+            raise ExistsError("is a dangling symbolic link; remove it or choose another output", self.path)
         self._taken: set[int] = set()
         self._closed = False
         self._replacing = False
@@ -215,7 +225,7 @@ class Writer:
 
     def existing_experts(self) -> list[int]:
         """Ids of the experts already complete in this store (for resuming)."""
-        return sorted(int(n) for n in self._store.groups_with(EXPERTS, ROOT_META) if n.isdigit())
+        return sorted(i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META)) if i is not None)
 
     def next_id(self) -> int:
         used = set(self.existing_experts()) | self._taken
@@ -225,7 +235,7 @@ class Writer:
         """Start writing one expert. Concurrent processes should pass disjoint explicit indices."""
         if self._closed:
             raise TrajstoreError("the writer is closed", self.path)
-        expert_id = self.next_id() if index is None else int(index)
+        expert_id = self.next_id() if index is None else integer(index, "expert index", self.path)
         if expert_id < 0:
             raise TrajstoreError(f"expert index {expert_id} is negative", self.path)
         if expert_id in self._taken or expert_id in self.existing_experts():
@@ -273,8 +283,18 @@ class Writer:
         if self._closed:
             return self.path
         self._closed = True
-        self.meta.complete = True
-        self._store.write_bytes(ROOT_META, self.meta.encode())
+        was_complete, self.meta.complete = self.meta.complete, True
+        try:
+            with os_errors(self.path):
+                self._finish()
+        except BaseException:  # e.g. a full disk: remove what was built, as abort() does
+            self.meta.complete = was_complete
+            self.abort()
+            raise
+        return self.path
+
+    def _finish(self) -> None:
+        self._record_experts()
         if self.single_file:
             try:
                 publish_single_file(self._store.root, self._target, overwrite=self._overwrite)
@@ -282,7 +302,23 @@ class Writer:
                 self._store.delete("")
         elif self._replacing:
             self._target_store.finish_replace(self._store)
-        return self.path
+
+    def _record_experts(self) -> None:
+        """Write the root metadata listing every published expert with its manifest's sha256.
+
+        Writers appending at once each rewrite the root on close, so each checks afterwards that no
+        expert appeared that its list lacks, and writes again if one did: the root written last then
+        lists every expert published before any writer's close (docs/format.md §8).
+        """
+        store = self._store
+        while True:
+            ids = self.existing_experts()
+            names = [expert_dir(i).rsplit("/", 1)[-1] for i in ids]
+            self.meta.experts = {name: checksums.sha256(store.read_bytes(f"{EXPERTS}/{name}/{ROOT_META}"))
+                                 for name in names}
+            store.write_bytes(ROOT_META, self.meta.encode())
+            if set(self.existing_experts()) <= set(ids):
+                return
 
     def abort(self) -> None:
         """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""

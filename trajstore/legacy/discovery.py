@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ..errors import FormatError
 
-NUMBERED = re.compile(r"^(?P<stem>.+?)_(?P<n>\d+)\.pt$")
-DENSE = re.compile(r"^(?:replay_buffer|convexified(?:_v\d+)?_replay_buffer)$")
+# ASCII digits only: "replay_buffer_\u0667.pt" (an Arabic-Indic 7) is not file 7
+NUMBERED = re.compile(r"^(?P<stem>.+?)_(?P<n>[0-9]+)\.pt$")
+DENSE = re.compile(r"^(?:replay_buffer|convexified(?:_v[0-9]+)?_replay_buffer)$")
 PAIRED = re.compile(r"^(?P<side>waypoint|step)_buffer(?P<tag>_[A-Za-z0-9]+)?$")
 RAW = "replay_buffer"
 
@@ -44,15 +45,18 @@ def _kinds(directory: Path) -> dict[str, dict[int, Path]]:
     kinds: dict[str, dict[int, Path]] = defaultdict(dict)
     try:
         entries = sorted(directory.iterdir())
-    except OSError:
-        return {}
+    except OSError as exc:
+        raise FormatError(f"cannot list the directory ({exc.strerror or exc})", directory) from None
     for p in entries:
         m = NUMBERED.match(p.name)
         if not m or not p.is_file():
             continue
-        stem = m["stem"]
+        stem, n = m["stem"], int(m["n"])
         if DENSE.match(stem) or PAIRED.match(stem):
-            kinds[stem][int(m["n"])] = p
+            if n in kinds[stem]:  # replay_buffer_7.pt and replay_buffer_007.pt: which one is file 7?
+                raise FormatError(f"{kinds[stem][n].name} and {p.name} both number file {n}; rename or remove "
+                                  "one of them (files are numbered 0, 1, 2, ... without leading zeros)", directory)
+            kinds[stem][n] = p
     return kinds
 
 

@@ -13,6 +13,7 @@ import mmap
 import pickle
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,7 +30,9 @@ HASH_CHUNK = 1 << 20
 def load(path: str | Path, *, quiet: bool = False) -> tuple[object, bool]:
     """(the file's object, whether its tensors are memory-mapped); one trajstore error on any failure.
 
-    `quiet` skips the warning about files that cannot be mapped (given once, when a buffer is opened).
+    `quiet` marks a file loaded (and checked) before, when its buffer was opened: it skips the warning
+    about files that cannot be mapped and the CRC-32 check of torch's zip format, a pass over the file
+    that readers switching files for every sample could not afford each time.
     """
     path = Path(path)
     try:
@@ -48,14 +51,36 @@ def load(path: str | Path, *, quiet: bool = False) -> tuple[object, bool]:
         if not quiet:
             warnings.warn(f"{path}: written in torch's pre-1.6 format, which cannot be memory-mapped; "
                           "it is read whole into memory", stacklevel=3)
+    if mapped and not quiet:
+        check_zip_crcs(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+    except Exception as exc:  # a corrupt zip or pickle fails with many types (struct.error, Unicode..., ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"cannot be read as a torch file; truncated or corrupt? ({first})", path) from None
     return obj, mapped
+
+
+def check_zip_crcs(path: Path) -> None:
+    """Compare every record of a torch zip file with the CRC-32 its zip directory records. torch reads
+    a memory-mapped file without checking them, so a changed byte would otherwise load as a different
+    number. Records written without a CRC (`torch.serialization.set_crc32_options(False)` records 0)
+    cannot be checked; the pre-1.6 pickle format has no checksum at all."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0:
+                    continue
+                with zf.open(info) as f:  # raises BadZipFile at the end of a record that does not match
+                    while f.read(HASH_CHUNK):
+                        pass
+    except OSError as exc:
+        raise FormatError(f"cannot read: {exc.strerror or exc}", path) from None
+    except Exception as exc:  # BadZipFile, and whatever a corrupt zip directory makes zipfile raise
+        raise FormatError(f"truncated or corrupt torch file ({type(exc).__name__}: {exc}): damaged after it "
+                          "was written; restore it from a copy", path) from None
 
 
 def _refusal(path: Path, exc: Exception) -> FormatError:

@@ -38,6 +38,11 @@ def signature(timestep, what: str, where) -> Signature:
         if t.dtype not in DTYPE_NAMES:
             raise FormatError(f"{what}, tensor {j} has dtype {t.dtype}; parameters must be floating point "
                               "(float32, float16, bfloat16, float64)", where)
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            # e.g. a stride-0 view of one stored value claiming terabytes: copying it would allocate them
+            raise FormatError(f"{what}, tensor {j} claims {tuple(t.shape)} = {t.numel():,} values but the file "
+                              f"stores {t.untyped_storage().nbytes():,} bytes for it; refused before allocating "
+                              "anything (not a saved parameter tensor)", where)
         sig.append((tuple(t.shape), t.dtype))
     return tuple(sig)
 

@@ -150,8 +150,8 @@ class ZipFileStore(Store):
             with opener() as f, zipfile.ZipFile(f) as zf:
                 infos = zf.infolist()
                 self._length = f.seek(0, os.SEEK_END)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise FormatError(f"not a readable single-file .ctraj ({exc})", self.url) from None
+        except Exception as exc:  # a corrupt central directory fails with many types, not only BadZipFile
+            raise FormatError(f"not a readable single-file .ctraj ({type(exc).__name__}: {exc})", self.url) from None
         self._infos = {i.filename: i for i in infos if not i.is_dir()}
         self._map = _map_file(self.path, "single-file .ctraj") if fs is None else None
         self._offsets: dict[str, int] = {}

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..progress import progress_bar
 from ..stores import atomic
+from ..stores.overlap import check_separate
 from ..archive import is_archive, open_archive
 from ..format.beta import anchor_epochs_with
-from ..errors import ExistsError, InvalidTensorError
+from ..errors import ExistsError, InvalidTensorError, os_errors
 from ..legacy import LegacyBuffer, open_buffer
 from ..format.reader import open as open_ctraj
 from ..format.writer import create
@@ -43,6 +43,7 @@ def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None =
 
 
 @single_threaded()
+@os_errors(arg="out")
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequence[int] = (),
             smoothing: str | None = None, single_file: bool = False, overwrite: bool = False,
             architecture=None, progress: bool = True, kind: str | None = None,
@@ -54,9 +55,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     as the official MCT code does. `architecture` names the tensors (see `trajstore.legacy.open_buffer`);
     `training` is merged over what the buffer's directory name says (dataset, ZCA).
     """
-    if Path(out).exists() and not overwrite:  # before scanning and hashing the whole source
+    out = Path(out)
+    check_separate([src], out)
+    if (out.exists() or out.is_symlink()) and not overwrite:  # before scanning and hashing the whole source
         raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
+    if out.is_symlink() and not out.exists():
+        raise ExistsError("is a dangling symbolic link; remove it or choose another output", out)
     source = open_source(src, architecture=architecture, kind=kind)
+    check_separate(source.files, out)
     if waypoints:
         anchors = anchor_epochs_with(waypoints, source.num_timesteps)
     else:
@@ -67,11 +73,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
         "source_kind": source.kind,
         "sources": source.source_files(),
     }
-    fresh = not Path(out).exists()
+    # Built under a hidden name of our own and moved into place when complete: a failure removes only
+    # that, never an `out` another process may have created meanwhile, and a conversion is never joined.
+    with os_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    build = atomic.temp_sibling(out, "build")
     try:
-        with create(out, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
+        with create(build, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
-                    single_file=single_file, overwrite=overwrite) as writer:
+                    single_file=single_file) as writer:
             for i in progress_bar(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
                 origin = source.source_of(i)
                 try:
@@ -79,10 +89,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
                 except InvalidTensorError as exc:  # e.g. NaN weights: name the source, not the output
                     raise InvalidTensorError(f"trajectory {origin['index']} cannot be stored: {exc}",
                                              source.file_of(i)) from None
-    except BaseException:
-        if fresh:  # a conversion is not resumable: leave nothing half-written behind
-            atomic.remove(Path(out))
-        raise
+        with os_errors(out):
+            publish = atomic.publish_file if single_file else atomic.publish_dir
+            publish(build, out, overwrite=overwrite)
+    finally:
+        atomic.remove(build)
     store = open_ctraj(out)
     return ConvertReport(out=Path(out), experts=store.num_experts, num_timesteps=store.num_timesteps,
                          anchor_epochs=store.anchor_epochs, bytes_written=store.nbytes,

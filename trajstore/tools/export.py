@@ -16,7 +16,8 @@ import torch
 
 from ..progress import progress_bar
 from ..stores import atomic
-from ..errors import ExistsError, TrajstoreError
+from ..stores.overlap import check_separate
+from ..errors import ExistsError, StorageError, TrajstoreError, os_errors
 from ..format.reader import open as open_ctraj
 from .threads import single_threaded
 
@@ -36,24 +37,35 @@ def write_buffer_dir(out_dir: Path, files: Iterable[tuple[str, list]], *, overwr
     into place: the directory appears complete or not at all. `files` is consumed lazily, so only one
     file's trajectories are held at a time."""
     check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.temp_sibling(out_dir, "build")
-    tmp.mkdir()
+    with os_errors(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic.temp_sibling(out_dir, "build")
+        tmp.mkdir()
     names = []
     try:
-        for name, trajectories in files:
-            torch.save(trajectories, tmp / name)
-            names.append(name)
-            del trajectories
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # an empty directory made beforehand is taken as "write here"
-        atomic.publish_dir(tmp, out_dir, overwrite=overwrite)
+        with os_errors(out_dir):
+            for name, trajectories in files:
+                _save(trajectories, tmp / name, out_dir / name)
+                names.append(name)
+                del trajectories
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # an empty directory made beforehand is taken as "write here"
+            atomic.publish_dir(tmp, out_dir, overwrite=overwrite)
     finally:
         atomic.remove(tmp)
     return [out_dir / name for name in names]
 
 
+def _save(obj, path: Path, final: Path) -> None:
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "write failed"
+        raise StorageError(f"cannot write it (torch: {first}); check the free disk space", final) from None
+
+
 @single_threaded()
+@os_errors(arg="out_dir")
 def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int = 10,
                overwrite: bool = False, progress: bool = True) -> list[Path]:
     """Write the MTT buffer files of every expert of `ctraj_path` into `out_dir`; returns the files.
@@ -63,6 +75,7 @@ def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per
     """
     if per_file < 1:
         raise TrajstoreError(f"per_file must be at least 1, got {per_file}")
+    check_separate([ctraj_path], out_dir)
     check_out_dir(Path(out_dir), overwrite)  # before the progress bar starts
     store = open_ctraj(ctraj_path)
     # float32 stores are read zero-copy; others are cast, since MTT buffers hold float32

@@ -106,7 +106,7 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
         store = open_ctraj(path)
         for expert in progress_bar(store, total=store.num_experts, desc="verify", unit="expert", disable=not progress):
             expert.verify()  # what CTraj.verify does, one expert at a time
-        count = store.num_experts
+        count, extra = store.num_experts, {"unlisted": store.unlisted_ids}
     else:
         source = open_source(path)
         check = getattr(source, "check", None)  # an archive also compares each expert with its sha256
@@ -115,9 +115,9 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
         for i, trajectory in enumerate(steps):
             if check is not None:
                 check(i, trajectory)
-        count, kind = source.num_experts, kind if kind == "archive" else f"legacy {source.kind}"
+        count, kind, extra = source.num_experts, kind if kind == "archive" else f"legacy {source.kind}", {}
     return {"ok": True, "kind": kind, "path": str(path), "num_experts": count,
-            "seconds": round(time.perf_counter() - began, 3)}
+            "seconds": round(time.perf_counter() - began, 3), **extra}
 
 
 def check_plottable(path: str | os.PathLike) -> None:
