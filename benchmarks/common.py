@@ -100,3 +100,14 @@ def write_result(path: str | os.PathLike, name: str, params: dict, results: dict
     print(json.dumps(results, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def distill_or_reuse(config, run_dir: Path):
+    """The finished run in run_dir if it was made with exactly `config` (a benchmark interrupted after some
+    runs picks up where it stopped), else a fresh run there."""
+    from trajstore.distill.run import CONFIG, RESULT, distill, load_result
+
+    same = json.loads(json.dumps(config.to_json()))  # as config.json holds it (tuples become lists)
+    if (run_dir / RESULT).is_file() and json.loads((run_dir / CONFIG).read_text()) == same:
+        return load_result(run_dir)
+    return distill(config, run_dir, overwrite=True, progress=False, log=lambda _: None)

@@ -94,3 +94,12 @@ def upstream_expert_dir(buffer_path: str, dataset: str, zca: bool, model: str) -
     if dataset in ("CIFAR10", "CIFAR100") and not zca:
         directory += "_NO_ZCA"
     return os.path.join(directory, model)
+
+
+# trajstore.format.beta.SMOOTHINGS, spelled out here so that `--help` does not import numpy (a test
+# checks that both lists agree).
+SMOOTHING_CHOICES = ("none", "binomial", "neighbour-mean")
+SMOOTHING_HELP = ("Smooth the stored inner and end anchors as the MCT code does (docs/format.md 4.1): binomial "
+                  "(convexify.py: 0.5 theta(e) + 0.25 each neighbour, betas from the smoothed path) or "
+                  "neighbour-mean (the compressed store MCT distills from: mean of the two neighbours, betas from "
+                  "the raw path).")

@@ -35,7 +35,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
                   epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
                   weight_decay: float = 0.0, dsa: bool = True, dsa_strategy: str = STRATEGY, zca: bool = False,
-                  waypoints: Sequence[int] = (),
+                  waypoints: Sequence[int] = (), smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Callable[[str], object] = print) -> Path:
@@ -46,6 +46,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
+    `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
     """
     out = Path(out)
     try:
@@ -72,7 +73,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
         layers = trajstore.layer_table(build_spec(config))
-    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, architecture=architecture,
+    with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
+                          architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
         finished = w.existing_experts()
         todo = [i for i in range(num_experts) if i not in set(finished)]

@@ -4,12 +4,18 @@ Each receives the records metrics.jsonl gets (see distill.run) and logs their nu
 iteration: `loss`, `syn_lr`, `start`, ... of each step as `step/<key>`, `mean`, `std` of each evaluation
 as `eval/<key>`. Neither package is needed to install trajstore; asking for a missing one is one clear
 error before the run starts. wandb runs offline unless WANDB_MODE says otherwise, so no account is needed.
+
+A resumed run drops the records after its checkpoint from metrics.jsonl and computes those iterations
+again; its logger starts afresh from the records metrics.jsonl kept (`history`), so the log holds each
+iteration once, with metrics.jsonl's numbers.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from trajstore.errors import TrajstoreError
@@ -31,6 +37,8 @@ class TensorBoardLogger:
     def __init__(self, out_dir: Path, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
+        # an interrupted run's event files may hold iterations its checkpoint dropped: start again from history
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
 
@@ -75,9 +83,12 @@ def require(kind: str | None) -> None:
                              f"pip install {package}  (or pip install \"trajstore[{kind}]\")") from None
 
 
-def open_logger(kind: str | None, out_dir: str | os.PathLike, config: dict):
-    """The logger `kind` writing under `out_dir`, or None for none."""
+def open_logger(kind: str | None, out_dir: str | os.PathLike, config: dict, history: Iterable[dict] = ()):
+    """The logger `kind` writing under `out_dir`, already given the records in `history`, or None for none."""
     if kind is None:
         return None
     require(kind)
-    return _CLASSES[kind](Path(out_dir), config)
+    sink = _CLASSES[kind](Path(out_dir), config)
+    for record in history:
+        sink.log(record)
+    return sink

@@ -5,10 +5,20 @@ synthetic set with the learnable lr, and is scored by how close it lands to the 
 
     L = ||theta_N - target||^2 / ||start - target||^2
 
-(upstream divides both sums by the parameter count; the factors cancel). Gradients reach the images
-and the lr either through the whole unrolled graph (`memory="plain"`, as MTT) or by walking the steps
-backwards and recomputing each one (`memory="constant"`, in the spirit of TESLA), which keeps only the
-N parameter vectors instead of N steps of activations and gives the same gradients.
+(upstream divides both sums by the parameter count; the factors cancel). Three ways to get the
+gradients of the images and the lr (`memory=`):
+
+- "plain": the exact gradient through the whole unrolled graph, as MTT's distill.py. Memory grows
+  with N steps of activations.
+- "constant": the same exact gradient (Hessian-vector products included) by walking the steps
+  backwards and recomputing each one; keeps the N parameter vectors instead of N steps of activations.
+- "tesla": the first-order rule the MCT authors' code distills with (TESLA's memory-saving rule, Cui
+  et al. 2023): every student step's weights are treated as constants, so with G = sum_j g_j,
+      dL/dx_i  = d/dx_i [ 2 (lr (target - start) + lr^2 G) . g_i(theta_i, x_i) / D ]   (G held fixed)
+      dL/dlr   = d/dlr ||start - lr G - target||^2 / D                                  (G held fixed)
+  It is not the gradient of L (the Hessian terms through later steps are dropped) and agrees with
+  it only when those are small. Memory is flat in N: a forward pass sums G, the backward pass
+  replays the steps from the start, one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from trajstore.distill.networks import FunctionalNet
 from trajstore.distill.sources import TrajectorySource
 from trajstore import InvalidTensorError, OutOfRangeError, TrajstoreError
 
-MEMORY_MODES = ("plain", "constant")
+MEMORY_MODES = ("plain", "constant", "tesla")
 
 # augment(x, seed) must return the same augmentation for the same seed: the constant-memory backward
 # pass replays every step's augmentation from its seed.
@@ -187,13 +197,63 @@ class _ConstantMemoryMatch(torch.autograd.Function):
         return grad_images, grad_lr, None, None, None, None, None, None, None
 
 
+class _FirstOrderMatch(torch.autograd.Function):
+    """Eq. 2 with the MCT code's first-order (TESLA-style) gradients; see the module docstring.
+
+    forward: theta_{i+1} = theta_i - lr g_i with nothing kept but theta and G = sum g_i; the loss is
+    ||start - lr G - target||^2 / D, as the MCT code reports it. backward: the residual
+    r = start - lr G - target fixes the vector v = -2 lr r / D every step's image gradient is a
+    vector-Jacobian product with, so the steps are replayed from the start, each one's graph built,
+    used once and freed.
+    """
+
+    @staticmethod
+    def forward(ctx, images, syn_lr, start, target, dist, student, labels, plan, augment):
+        lr = syn_lr.detach()
+        theta, total = start, torch.zeros_like(start)
+        with torch.enable_grad():
+            for step in plan:
+                idx = step.indices.to(images.device)
+                theta = theta.detach().requires_grad_(True)
+                grad = _student_gradient(student, theta, images.detach()[idx], labels[idx], step.seed, augment,
+                                         create_graph=False)
+                total += grad
+                theta = theta.detach() - lr * grad
+        ctx.student, ctx.labels, ctx.plan, ctx.augment = student, labels, plan, augment
+        ctx.save_for_backward(images, syn_lr, start, target, dist, total)
+        return (start - lr * total - target).square().sum() / dist
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        images, syn_lr, start, target, dist, total = ctx.saved_tensors
+        lr = syn_lr.detach()
+        residual = start - lr * total - target
+        grad_lr = -2 * grad_loss * torch.dot(residual, total) / dist
+        v = -2 * grad_loss * lr * residual / dist
+        grad_images = torch.zeros_like(images)
+        theta = start
+        for step in ctx.plan:
+            idx = step.indices.to(images.device)
+            with torch.enable_grad():
+                theta = theta.detach().requires_grad_(True)
+                x = images.detach()[idx].requires_grad_(True)
+                grad = _student_gradient(ctx.student, theta, x, ctx.labels[idx], step.seed, ctx.augment,
+                                         create_graph=True)
+                (vjp,) = torch.autograd.grad(grad, x, grad_outputs=v)
+            grad_images.index_add_(0, idx, vjp)
+            theta = theta.detach() - lr * grad.detach()
+        return grad_images, grad_lr, None, None, None, None, None, None, None
+
+
 def match_loss(student: FunctionalNet, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
                start: torch.Tensor, target: torch.Tensor, plan: Sequence[UnrollStep], *,
                augment: Augment | None = None, memory: str = "plain") -> torch.Tensor:
     """Eq. 2 after unrolling the student from `start` along `plan`; differentiable w.r.t. images and syn_lr.
 
-    `start` and `target` are flat parameter vectors (constants here). Both memory modes give the same
-    value and the same gradients; "constant" cannot be differentiated twice.
+    `start` and `target` are flat parameter vectors (constants here). All memory modes give the same
+    value; "plain" and "constant" the same (exact) gradients, "tesla" the MCT code's first-order ones.
+    "constant" and "tesla" cannot be differentiated twice.
     """
     if memory not in MEMORY_MODES:
         raise TrajstoreError(f"memory={memory!r}: expected one of {', '.join(MEMORY_MODES)}")
@@ -213,7 +273,8 @@ def match_loss(student: FunctionalNet, images: torch.Tensor, labels: torch.Tenso
     if memory == "plain":
         theta = _unroll_plain(student, images, labels, syn_lr, start, plan, augment)
         return (theta - target).square().sum() / dist
-    return _ConstantMemoryMatch.apply(images, syn_lr, start, target, dist, student, labels, tuple(plan), augment)
+    rule = _ConstantMemoryMatch if memory == "constant" else _FirstOrderMatch
+    return rule.apply(images, syn_lr, start, target, dist, student, labels, tuple(plan), augment)
 
 
 @dataclass(frozen=True)
@@ -261,8 +322,9 @@ class Matcher:
     """Runs distillation iterations: sample, unroll, Eq. 2, backward, SGD (momentum 0.5) on images and lr.
 
     All randomness (expert, start position, minibatches, augmentation seeds) comes from `rng`, so a run is
-    reproducible from its seed and resumable from `state_dict()`. The student's module is moved to the
-    synthetic set's device and dtype and put in training mode, as upstream trains its students.
+    reproducible from its seed and resumable from `state_dict()` (which holds the source's expert walk).
+    The student's module is moved to the synthetic set's device and dtype and put in training mode, as
+    upstream trains its students.
     """
 
     def __init__(self, source: TrajectorySource, synset: SyntheticSet, student: FunctionalNet,
@@ -312,6 +374,7 @@ class Matcher:
             "optimizer_img": self.optimizer_img.state_dict(),
             "optimizer_lr": self.optimizer_lr.state_dict(),
             "rng": self.rng.bit_generator.state,
+            "walk": self.source.walk.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,5 +391,6 @@ class Matcher:
             self.rng.bit_generator.state = state["rng"]
         except (TypeError, ValueError) as exc:
             raise TrajstoreError(f"saved random state does not fit this run's generator: {exc}") from None
+        self.source.walk.load_state_dict(state["walk"])
         self.iteration = int(state["iteration"])
 

@@ -66,7 +66,7 @@ RESULT = "result.json"
 BEST = "synset_best.safetensors"
 FINAL = "synset_final.safetensors"
 ACCURACY_PNG = "accuracy.png"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the expert walk is part of the state
 DEFAULT_LR_TEACHER = 0.01  # upstream's --lr_teacher default, for experts that do not record their lr
 
 # Settings that may change between a run and its resumption: where things are, not what is computed.
@@ -95,7 +95,7 @@ class DistillConfig:
     lr_lr: float = 1e-5
     lr_teacher: float | None = None
     iterations: int = 5000
-    eval_every: int = 500
+    eval_every: int = 100  # the MCT paper's curves evaluate every 100 iterations
     eval_nets: int = 5
     eval_epochs: int = 1000
     checkpoint_every: int = 100
@@ -144,13 +144,23 @@ class DistillConfig:
 
     @classmethod
     def from_preset(cls, source: str | os.PathLike, preset: str | None = None, **overrides) -> "DistillConfig":
-        """A config from a named preset (see distill.presets), with every non-None override on top."""
-        settings = get_preset(preset).settings() if preset else {}
-        settings.update({k: v for k, v in overrides.items() if v is not None})
+        """A config from a named preset (see distill.presets), with every non-None override on top.
+
+        A preset fixes the method; a preset name without one takes the method of the run (`method`,
+        else the kind of source), and a preset of the other method is refused.
+        """
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        chosen = None
+        if preset:
+            method = overrides.get("method")
+            if method is None and preset.strip().lower().split("-", 1)[0] not in METHODS:
+                method = method_for(source)
+            chosen = get_preset(preset, method)
+        settings = {**(chosen.settings() if chosen else {}), **overrides}
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise TrajstoreError(f"unknown distillation settings {unknown}")
-        return cls(source=str(source), preset=get_preset(preset).name if preset else None, **settings)
+        return cls(source=str(source), preset=chosen.name if chosen else None, **settings)
 
     def match_config(self) -> MatchConfig:
         return MatchConfig(syn_steps=self.syn_steps, expert_epochs=self.expert_epochs,
@@ -321,10 +331,10 @@ def _initial_set(config: DistillConfig, setup: _Setup, rng: np.random.Generator,
 
 
 def _check_windows(config: DistillConfig, source: TrajectorySource) -> None:
-    """Draw one (start, target) pair with a throwaway generator, so a window that does not fit the
-    trajectories is refused before anything is written."""
+    """Draw one (start, target) pair of expert 0 with a throwaway generator (leaving the expert walk
+    alone), so a window that does not fit the trajectories is refused before anything is written."""
     source.sample(np.random.default_rng(0), config.max_start_epoch, config.expert_epochs,
-                  discrete=config.discrete, dtype=torch.float32)
+                  discrete=config.discrete, dtype=torch.float32, expert=0)
 
 
 def _prepare_out_dir(out: Path, config: DistillConfig, *, resume: bool, overwrite: bool) -> bool:
@@ -456,7 +466,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
             f"{ds.name} {ds.channel}x{ds.im_size[0]}x{ds.im_size[1]}, {setup.model}, ipc {config.ipc}, "
             f"{config.iterations} iterations on {device}")
     metrics = open(out / METRICS, "ab")
-    sink = loggers.open_logger(logger, out, config.to_json())
+    history = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if logger else []
+    sink = loggers.open_logger(logger, out, config.to_json(), history)
 
     def checkpoint() -> None:
         metrics.flush()

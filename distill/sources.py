@@ -3,6 +3,11 @@
 MCT reads them from a `.ctraj` (any real position c, Eq. 10); classic MTT reads two stored integer
 timesteps of a legacy buffer or packed archive. Both hand out flat vectors in parameter order, so the
 matching engine never knows which one it is talking to.
+
+Experts are visited as upstream MTT (and the MCT code) visit them: the buffer is shuffled, walked in
+order, and shuffled again once every expert has been used (`ExpertWalk`), so no expert repeats before
+all have been seen. Discrete starts are `randint(0, max_start)`: integers 0..max_start-1, upper bound
+excluded, as upstream's `np.random.randint(0, args.max_start_epoch)`.
 """
 
 from __future__ import annotations
@@ -31,9 +36,52 @@ class SampleInfo:
         return asdict(self)
 
 
+class ExpertWalk:
+    """Which expert each iteration uses: shuffled passes over all experts, as upstream walks its buffer
+    (`random.shuffle(buffer)`, take the next, reshuffle when the pass is over). The permutation comes
+    from the caller's generator, so a run stays reproducible from its seed; `state_dict` resumes a pass."""
+
+    def __init__(self, num_experts: int):
+        if num_experts < 1:
+            raise OutOfRangeError(f"a source needs at least 1 expert, got {num_experts}")
+        self.num_experts = int(num_experts)
+        self.order: list[int] = []
+        self.position = 0
+
+    def next(self, rng: np.random.Generator) -> int:
+        if self.position >= len(self.order):
+            self.order = [int(e) for e in rng.permutation(self.num_experts)]
+            self.position = 0
+        self.position += 1
+        return self.order[self.position - 1]
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            order, position = [int(e) for e in state["order"]], int(state["position"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrajstoreError(f"saved expert walk is not readable ({type(exc).__name__}: {exc})") from None
+        if (order and sorted(order) != list(range(self.num_experts))) or not 0 <= position <= len(order):
+            raise TrajstoreError(f"saved expert walk (order {order}, position {position}) does not fit "
+                                 f"{self.num_experts} experts")
+        self.order, self.position = order, position
+
+
+def _pick_expert(source, rng: np.random.Generator, expert: int | None, path) -> int:
+    if expert is None:
+        return source.walk.next(rng)
+    if isinstance(expert, bool) or not isinstance(expert, numbers.Integral) or not 0 <= expert < source.num_experts:
+        raise OutOfRangeError(f"expert={expert!r} is not one of the {source.num_experts} experts", path)
+    return int(expert)
+
+
 @runtime_checkable
 class TrajectorySource(Protocol):
     """Expert trajectories to sample (start, target) pairs from."""
+
+    walk: ExpertWalk
 
     @property
     def num_experts(self) -> int: ...
@@ -43,8 +91,9 @@ class TrajectorySource(Protocol):
         """K: the last position of every trajectory."""
 
     def sample(self, rng: np.random.Generator, max_start: float, m: float, *, discrete: bool = False,
-               device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor, SampleInfo]:
-        """One expert, its start point and the point m later, as flat vectors on `device`."""
+               device=None, dtype=None, expert: int | None = None) -> tuple[torch.Tensor, torch.Tensor, SampleInfo]:
+        """`expert` (default: the next one of `walk`), its start point and the point m later, as flat
+        vectors on `device`."""
 
 
 def _real(x, name: str, path) -> float:
@@ -64,6 +113,7 @@ class ConvexifiedSource:
 
     def __init__(self, ctraj):
         self.ctraj = ctraj
+        self.walk = ExpertWalk(ctraj.num_experts)
 
     @property
     def num_experts(self) -> int:
@@ -74,20 +124,23 @@ class ConvexifiedSource:
         return self.ctraj.num_timesteps - 1
 
     def sample(self, rng: np.random.Generator, max_start: float, m: float, *, discrete: bool = False,
-               device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor, SampleInfo]:
-        """c ~ U[0, max_start] (integers 0..max_start with `discrete`); real-valued m is allowed.
+               device=None, dtype=None, expert: int | None = None) -> tuple[torch.Tensor, torch.Tensor, SampleInfo]:
+        """c ~ U[0, max_start] (with `discrete`: an integer 0..max_start-1, as MTT and the MCT code's
+        ablation draw it); real-valued m is allowed.
 
-        max_start must stay below K so that the target always lies strictly after the start.
+        max_start must stay below K so that the target always lies strictly after the start; a
+        discrete draw needs max_start >= 1.
         """
         k, path = self.max_position, self.ctraj.path
         if _real(m, "expert_epochs M", path) <= 0:
             raise OutOfRangeError(f"expert_epochs M={m!r} must be > 0", path)
         top = _integer(max_start, "max_start_epoch", path) if discrete else _real(max_start, "max_start_epoch", path)
-        if not 0 <= top < k:
-            raise OutOfRangeError(f"max_start_epoch={max_start!r} must lie in [0, K={k}) so that the target "
-                                  f"differs from the start", path)
-        expert = int(rng.integers(self.num_experts))
-        c = float(rng.integers(top + 1)) if discrete else float(rng.uniform(0.0, top))
+        if not 0 <= top < k or (discrete and top < 1):
+            raise OutOfRangeError(f"max_start_epoch={max_start!r} must lie in [{int(discrete)}, K={k}) so that the "
+                                  f"target differs from the start"
+                                  + (" and a discrete start 0..max_start_epoch-1 exists" if discrete else ""), path)
+        expert = _pick_expert(self, rng, expert, path)
+        c = float(rng.integers(top)) if discrete else float(rng.uniform(0.0, top))
         start, target = self.ctraj.expert(expert).window(c, m, flat=True, device=device, dtype=dtype)
         return start, target, SampleInfo(expert, c, min(c + float(m), float(k)))
 
@@ -104,6 +157,7 @@ class LegacySource:
     def __init__(self, buffer, path: str | os.PathLike | None = None):
         self.buffer = buffer
         self.path = path if path is not None else getattr(buffer, "path", None)
+        self.walk = ExpertWalk(buffer.num_experts)
 
     @property
     def num_experts(self) -> int:
@@ -114,7 +168,7 @@ class LegacySource:
         return self.buffer.num_timesteps - 1
 
     def sample(self, rng: np.random.Generator, max_start: float, m: float, *, discrete: bool = True,
-               device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor, SampleInfo]:
+               device=None, dtype=None, expert: int | None = None) -> tuple[torch.Tensor, torch.Tensor, SampleInfo]:
         """`discrete` is accepted for the common interface; a legacy buffer only has integer timesteps."""
         k = self.max_position
         m = _integer(m, "expert_epochs M (a legacy buffer has only integer timesteps)", self.path)
@@ -123,7 +177,7 @@ class LegacySource:
             raise OutOfRangeError(f"max_start_epoch={max_start!r} and expert_epochs M={m} need M > 0 and "
                                   f"1 <= max_start_epoch <= K - M + 1 = {k - m + 1} (starts are drawn from "
                                   f"0..max_start_epoch-1, targets must stay within K={k})", self.path)
-        expert = int(rng.integers(self.num_experts))
+        expert = _pick_expert(self, rng, expert, self.path)
         s = int(rng.integers(top))
         start = self._flat(expert, s, device, dtype)
         target = self._flat(expert, s + m, device, dtype)

@@ -217,6 +217,48 @@ def test_a_run_logs_to_wandb_and_writes_upstream_files(experts, tmp_path, monkey
     assert a.output.splitlines()[-1] == b.output.splitlines()[-1]  # the per-network accuracies
 
 
+def _tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard itself reads back from the event files under `logdir`, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _metrics_scalars(path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl's numbers as TensorBoard should hold them: `<kind>/<key>` against the iteration,
+    as float32 (TensorBoard's scalar type); lists (an evaluation's accuracies) are not scalars."""
+    want: dict[str, list[tuple[int, float]]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key not in ("kind", "iteration") and type(value) in (int, float):
+                want.setdefault(f"{record['kind']}/{key}", []).append((record["iteration"], float(np.float32(value))))
+    return want
+
+
+def test_a_run_logs_to_tensorboard_what_metrics_jsonl_holds_even_when_resumed(experts, tmp_path):
+    pytest.importorskip("tensorboard")  # the [test] extra installs it
+    out = tmp_path / "run"
+
+    def interrupt(line):  # stop at the last evaluation, after the checkpoint of iteration 2
+        if line.startswith("iteration 4:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(source=str(experts), **TINY), out, progress=False, log=interrupt, logger="tensorboard")
+    # resume from the command line: iterations 2-3 and the evaluation at 4 again
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    r = CliRunner().invoke(cli, ["distill", str(experts), "--out", str(out), *flags, "--logger", "tensorboard"])
+    assert r.exit_code == 0, r.output
+    assert "resuming at iteration 2" in r.output
+
+    want = _metrics_scalars(out / "metrics.jsonl")
+    assert [step for step, _ in want["step/loss"]] == [0, 1, 2, 3] and "eval/mean" in want
+    assert _tensorboard_scalars(out / "tensorboard") == want  # each iteration once, with metrics.jsonl's value
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("this ran",))

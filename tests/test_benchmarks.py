@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks import bench_convergence, bench_convert, bench_matching_memory, bench_interpolation, bench_sampling, bench_storage
+from benchmarks import (bench_convergence, bench_convert, bench_interpolation, bench_matching_memory, bench_sampling,
+                        bench_sampling_ablation, bench_storage)
 
 
 def result(path):
@@ -43,10 +44,15 @@ def test_storage(tmp_path):
 
 def test_convergence(tmp_path):
     r = result(bench_convergence.main(["--scale", "smoke", "--iterations", "2", "--eval-every", "1",
-                                       "--eval-nets", "1", "--png", str(tmp_path / "c.png"),
+                                       "--eval-nets", "1", "--seeds", "0", "--png", str(tmp_path / "c.png"),
                                        "--out", str(tmp_path / "cv.json")]))
-    assert set(r) == {"mct_seed0", "mtt_seed0"}
+    assert set(r) == {"mct_seed0", "mtt_seed0", "mct_over_seeds", "mtt_over_seeds"}
     assert [it for it, _, _ in r["mct_seed0"]["curve"]] == [0, 1, 2]
+    assert r["mct_seed0"]["expert_epochs"] == r["mtt_seed0"]["expert_epochs"]  # the same M for both methods
+    assert r["mct_seed0"]["lr_lr"] == r["mtt_seed0"]["lr_lr"]
+    over = r["mct_over_seeds"]["curve"]
+    assert [p["iteration"] for p in over] == [0, 1, 2] and over[0]["std"] == 0  # one seed: no spread
+    assert over[-1]["mean"] == pytest.approx(r["mct_seed0"]["curve"][-1][1])
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
@@ -55,12 +61,24 @@ def test_convergence_point_is_where_the_curve_stays_within_two_percent():
     assert bench_convergence.converged_at(evals) == 30
 
 
+def test_sampling_ablation(tmp_path):
+    r = result(bench_sampling_ablation.main(["--scale", "smoke", "--experts", "1,2", "--seeds", "0", "--iterations", "1",
+                                             "--eval-every", "1", "--eval-nets", "1", "--max-start-epoch", "2",
+                                             "--expert-epochs", "1", "--png", str(tmp_path / "a.png"),
+                                             "--out", str(tmp_path / "a.json")]))
+    assert set(r) == {f"{s}_k{k}" for s in ("continuous", "discrete") for k in (1, 2)}
+    for row in r.values():
+        assert len(row["best"]) == 1 and row["best_mean"] == row["best"][0] >= row["final"][0]
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
 def test_matching_memory(tmp_path):
     r = result(bench_matching_memory.main(["--steps", "1,2", "--ipc", "1", "--width", "4", "--im-size", "8",
                                            "--repeat", "1", "--warmup", "0", "--threads", "1",
                                            "--out", str(tmp_path / "m.json")]))
     runs = {(x["memory"], x["syn_steps"]): x for x in r["runs"]}
-    assert set(runs) == {("plain", 1), ("constant", 1), ("plain", 2), ("constant", 2)}
+    assert set(runs) == {(m, n) for m in ("plain", "constant", "tesla") for n in (1, 2)}
+    assert runs[("tesla", 2)]["loss"] == pytest.approx(runs[("plain", 2)]["loss"], rel=1e-4)
     for n in (1, 2):  # same numbers in both modes; only memory differs
         assert runs[("plain", n)]["loss"] == pytest.approx(runs[("constant", n)]["loss"], rel=1e-4)
 

@@ -333,7 +333,7 @@ def test_bad_arguments_are_refused(digits):
     start = flat_parameters(net)
     plan = [UnrollStep(torch.arange(4), 0)]
     with pytest.raises(TrajstoreError, match="memory"):
-        match_loss(student, s.images, s.labels, s.syn_lr, start, start + 1, plan, memory="tesla")
+        match_loss(student, s.images, s.labels, s.syn_lr, start, start + 1, plan, memory="first-order")
     with pytest.raises(InvalidTensorError, match="start"):
         match_loss(student, s.images, s.labels, s.syn_lr, start[:-1], start, plan)
     with pytest.raises(TrajstoreError, match="coincide"):

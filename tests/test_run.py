@@ -151,20 +151,35 @@ def test_sources_and_methods_must_agree(experts, tmp_path):
 
 
 def test_presets_follow_the_published_tables_and_flags_override_them(experts, tmp_path):
-    assert len(PRESETS) == 9 and {p.ipc for p in PRESETS.values()} == {1, 10, 50}
-    # docs/legacy-formats.md §5: N/M/max_start/lr_img/lr_lr 30/15/8/1e3/1e-5
-    p = get_preset("CIFAR10-ipc10")
-    assert (p.syn_steps, p.expert_epochs, p.max_start_epoch, p.lr_img, p.lr_lr) == (30, 15, 8, 1e3, 1e-5)
-    tiny_in = get_preset("tinyimagenet-ipc50")
-    assert tiny_in.model == "ConvNetD4" and tiny_in.batch_syn == 300
-    config = DistillConfig.from_preset(experts[0], "cifar100-ipc1", syn_steps=7, lr_lr=None, iterations=3)
-    assert (config.syn_steps, config.iterations, config.preset) == (7, 3, "cifar100-ipc1")
+    assert {p.ipc for p in PRESETS.values()} == {1, 10, 50} and {p.method for p in PRESETS.values()} == {"mct", "mtt"}
+    p = get_preset("MCT-cifar10-ipc10")  # MCT paper Table 5: N = 50, best M = 6 at ipc 10, ZCA
+    assert (p.method, p.syn_steps, p.expert_epochs, p.zca, p.anchors) == ("mct", 50, 6, True, (6, 25))
+    code = get_preset("mct-cifar10-ipc10-nozca")  # MCT run_command.md: N/M/max_start/lr_img/lr_lr 30/15/8/1e3/1e-5
+    assert (code.syn_steps, code.expert_epochs, code.max_start_epoch, code.lr_img, code.lr_lr) == (30, 15, 8, 1e3, 1e-5)
+    tiny_in = get_preset("tinyimagenet-ipc50", "mtt")
+    assert tiny_in.model == "ConvNetD4" and tiny_in.batch_syn == 300 and tiny_in.method == "mtt"
+    config = DistillConfig.from_preset(experts[0], "mtt-cifar100-ipc1", syn_steps=7, lr_lr=None, iterations=3)
+    assert (config.syn_steps, config.iterations, config.preset, config.method) == (7, 3, "mtt-cifar100-ipc1", "mtt")
     assert (config.expert_epochs, config.max_start_epoch, config.lr_lr, config.zca) == (3, 20, 1e-5, True)
     assert DistillConfig.from_preset(experts[0], None, ipc=3).syn_steps == DistillConfig.syn_steps
-    with pytest.raises(TrajstoreError, match="unknown preset 'cifar10-ipc2'; known: cifar10-ipc1"):
-        get_preset("cifar10-ipc2")
+    assert DistillConfig.from_preset(experts[0], "cifar10-ipc1").preset == "mct-cifar10-ipc1"  # a .ctraj: MCT's row
+    with pytest.raises(TrajstoreError, match="unknown preset 'cifar10-ipc2' for MCT; known: mct-cifar10-ipc1"):
+        get_preset("cifar10-ipc2", "mct")
+    with pytest.raises(TrajstoreError, match="is MTT's published setting, but this run uses MCT: use mct-cifar10-ipc1"):
+        DistillConfig.from_preset(experts[0], "mtt-cifar10-ipc1", method="mct")
+    with pytest.raises(TrajstoreError, match="no MCT preset exists for cifar100"):
+        get_preset("mtt-cifar100-ipc1", "mct")
     with pytest.raises(TrajstoreError, match="trained on digits but this run is set up for cifar10"):
-        distill(DistillConfig.from_preset(experts[0], "cifar10-ipc1"), tmp_path / "x", progress=False)
+        distill(DistillConfig.from_preset(experts[0], "mct-cifar10-ipc1-nozca"), tmp_path / "x", progress=False)
+
+
+def test_list_presets_prints_every_preset_with_method_and_source():
+    result = CliRunner().invoke(cli, ["distill", "--list-presets"])
+    assert result.exit_code == 0, result.output
+    for p in PRESETS.values():
+        assert f"{p.name}: {p.method.upper()} {p.dataset} ipc {p.ipc}" in result.output
+        assert f"source: {p.source}" in result.output
+    assert "MTT README" in result.output and "MCT paper, Table 5" in result.output
 
 
 def test_cli_distills_refuses_to_overwrite_and_forces(experts, tmp_path):

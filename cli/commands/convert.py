@@ -5,24 +5,25 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import epoch_list
+from trajstore.cli.options import SMOOTHING_CHOICES, SMOOTHING_HELP, epoch_list
 
 
 @cli.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("out", type=click.Path())
 @click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: start and end only).")
-@click.option("--smooth", is_flag=True, help="Smooth inner and end anchors as the official MCT code does.")
+@click.option("--smoothing", type=click.Choice(SMOOTHING_CHOICES), default="none", show_default=True,
+              help=SMOOTHING_HELP)
 @click.option("--single-file", is_flag=True, help="Write the single-file (zip) form.")
 @click.option("--model", "--arch", "arch", help="Network naming the tensors: ConvNet, ConvNetD4, ResNet18, VGG11, ... "
               "(default: recognised from the shapes; name it where several networks fit).")
 @click.option("--kind", help="Which buffer of a directory holding several, e.g. convexified_replay_buffer.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert_command(src, out, waypoints, smooth, single_file, arch, kind, force, quiet):
+def convert_command(src, out, waypoints, smoothing, single_file, arch, kind, force, quiet):
     """Convexify every expert of the legacy buffer (file, model directory or buffer root) or archive SRC."""
     from trajstore.tools.convert import convert
 
-    report = convert(src, out, waypoints=waypoints, smoothing="mct" if smooth else None, single_file=single_file,
+    report = convert(src, out, waypoints=waypoints, smoothing=None if smoothing == "none" else smoothing, single_file=single_file,
                      overwrite=force, architecture=arch, progress=not quiet, kind=kind)
     click.echo(str(report))

@@ -20,14 +20,24 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     return (sides[0], sides[-1])
 
 
+def _list_presets(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        from trajstore.distill.presets import listing
+
+        click.echo(listing())
+        ctx.exit()
+
+
 @cli.command("distill", cls=UpstreamCommand, upstream=DISTILL_ALIASES)
 @click.argument("source", required=False, type=click.Path())
 @click.option("--config", "config_path", type=click.Path(),
               help="Replay the settings of a run (its config.json or folder); flags given explicitly override them.")
 @click.option("--method", type=click.Choice(["mct", "mtt"]),
               help="mct (a .ctraj) or mtt (a legacy buffer or packed archive); default: by what SOURCE is.")
-@click.option("--preset", help="Published settings, e.g. cifar10-ipc10, cifar100-ipc1, tinyimagenet-ipc50; "
-              "flags given explicitly override it.")
+@click.option("--preset", help="A published run's settings, e.g. mct-cifar10-ipc10 or mtt-cifar100-ipc1 (without "
+              "the method: the run's own); flags given explicitly override it. See --list-presets.")
+@click.option("--list-presets", is_flag=True, is_eager=True, expose_value=False, callback=_list_presets,
+              help="Print every preset with its method, settings and source, and exit.")
 @click.option("--ipc", type=click.IntRange(min=1), help="Synthetic images per class [1].")
 @click.option("--syn-steps", type=click.IntRange(min=1), help="N: student steps per iteration [20].")
 @click.option("--expert-epochs", type=float, help="M: how far ahead the target lies; real-valued for MCT [3].")
@@ -38,15 +48,17 @@ def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--lr-teacher", type=float, help="Initial learned step size [the experts' lr, else 0.01].")
 @click.option("--iterations", type=click.IntRange(min=1), help="Distillation iterations [5000].")
 @click.option("--eval-every", type=click.IntRange(min=0), help="Evaluate every this many iterations; 0: only "
-              "at the end [500].")
+              "at the end [100].")
 @click.option("--eval-nets", type=click.IntRange(min=1), help="Networks trained per evaluation [5].")
 @click.option("--eval-epochs", type=click.IntRange(min=0), help="Epochs each evaluation network trains [1000].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="Iterations between checkpoints [100].")
 @click.option("--init", type=click.Choice(["real", "noise"]), help="Start from real images of each class "
               "or from noise [real].")
 @click.option("--discrete", is_flag=True, default=None, help="Integer start epochs (the paper's ablation).")
-@click.option("--memory", type=click.Choice(["plain", "constant"]), help="constant: recompute each student "
-              "step in the backward pass, so memory does not grow with N [plain].")
+@click.option("--memory", type=click.Choice(["plain", "constant", "tesla"]), help="How image gradients are "
+              "computed. plain: exact, through the whole unroll (MTT); constant: exact, recomputing each student "
+              "step backwards (activation memory flat in N); tesla: the MCT code's first-order rule (TESLA's: "
+              "student weights as constants, not the exact gradient; memory flat in N) [plain].")
 @click.option("--zca/--no-zca", default=None, help="ZCA-whiten the data [as the experts were trained].")
 @click.option("--dsa/--no-dsa", default=None, help="Differentiable siamese augmentation of the synthetic images "
               "during matching and evaluation [on].")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, upstream_expert_dir
+from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING_HELP, UpstreamCommand, epoch_list,
+                                   upstream_expert_dir)
 
 
 @cli.command("experts", cls=UpstreamCommand, upstream=EXPERTS_ALIASES)
@@ -24,6 +25,8 @@ from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, 
 @click.option("--weight-decay", type=float, help="SGD weight decay (L2) of the experts [0, as upstream].")
 @click.option("--dsa-strategy", help="DSA operations [color_crop_cutout_flip_scale_rotate, as upstream].")
 @click.option("--waypoints", callback=epoch_list, help="Inner anchor epochs, e.g. 6,25 (default: none).")
+@click.option("--smoothing", type=click.Choice(SMOOTHING_CHOICES), default="none", show_default=True,
+              help=SMOOTHING_HELP)
 @click.option("--zca/--no-zca", default=False, show_default=True, help="ZCA-whiten the data (kornia, eps 0.1).")
 @click.option("--dsa/--no-dsa", default=True, show_default=True, help="Differentiable siamese augmentation.")
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
@@ -35,7 +38,8 @@ from trajstore.cli.options import EXPERTS_ALIASES, UpstreamCommand, epoch_list, 
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, weight_decay,
-                    dsa_strategy, waypoints, zca, dsa, legacy_dir, buffer_path, seed, device, plot, force, quiet):
+                    dsa_strategy, waypoints, smoothing, zca, dsa, legacy_dir, buffer_path, seed, device, plot, force,
+                    quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job.
 
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
@@ -48,7 +52,8 @@ def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, bat
     optional = {k: v for k, v in (("weight_decay", weight_decay), ("dsa_strategy", dsa_strategy)) if v is not None}
     path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
                          epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca, **optional,
-                         waypoints=waypoints, legacy_dir=legacy_dir, seed=seed, device=device,
+                         waypoints=waypoints, smoothing=None if smoothing == "none" else smoothing,
+                         legacy_dir=legacy_dir, seed=seed, device=device,
                          progress=not quiet, log=(lambda _: None) if quiet else click.echo)
     click.echo(f"wrote {path}")
     if plot:

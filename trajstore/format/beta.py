@@ -89,3 +89,32 @@ def piece_weights(beta: np.ndarray | Sequence[Sequence[float]], anchor_epochs: S
         return piece, (1.0 - eta) * b_lo + eta * b_hi
     b_hi = [1.0] * len(b_lo) if hi == end else beta[hi]
     return piece, [(1.0 - eta) * x + eta * y for x, y in zip(b_lo, b_hi)]
+
+
+# Anchor smoothing (docs/format.md §4.1). The MCT code smooths the anchors it keeps in two ways:
+#   "binomial"        convexify.py: an inner anchor e becomes 0.5 theta(e) + 0.25 (theta(e-1) + theta(e+1)),
+#                     the end 0.5 theta(K) + 0.25 (theta(K-2) + theta(K-1)); betas follow the smoothed path.
+#   "neighbour-mean"  exps/trajectory_compression.py, the store its distill_compressed.py reads: an inner
+#                     anchor becomes (theta(e-1) + theta(e+1)) / 2, the end (theta(K-1) + theta(K)) / 2;
+#                     betas come from the raw trajectory's step norms.
+# "mct" (stores written before both were offered) is binomial anchors with betas from the raw norms.
+SMOOTHINGS = ("binomial", "neighbour-mean")
+LEGACY_SMOOTHINGS = ("mct",)
+
+
+def smooth_inner(smoothing: str, before, here, after):
+    """The stored inner anchor for theta(e-1), theta(e), theta(e+1) (lists of layer tensors)."""
+    if smoothing == "neighbour-mean":
+        return [(b + a) / 2 for b, a in zip(before, after)]
+    return [0.5 * h + 0.25 * b + 0.25 * a for b, h, a in zip(before, here, after)]
+
+
+def smooth_end(smoothing: str, k2, k1, k):
+    """The stored end anchor for theta(K-2), theta(K-1), theta(K) (k2 is unused by neighbour-mean)."""
+    if smoothing == "neighbour-mean":
+        return [(y + x) / 2 for y, x in zip(k1, k)]
+    return [0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(k, k2, k1)]
+
+
+def betas_follow_smoothed_path(smoothing: str | None) -> bool:
+    return smoothing == "binomial"

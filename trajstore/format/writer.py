@@ -16,14 +16,13 @@ from . import anchorfile, checksums
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store
 from .arguments import integer
-from .beta import anchor_epochs_with, beta_from_norms, check_anchor_epochs
+from .beta import (LEGACY_SMOOTHINGS, SMOOTHINGS, anchor_epochs_with, beta_from_norms, betas_follow_smoothed_path,
+                   check_anchor_epochs, smooth_end, smooth_inner)
 from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError, os_errors
 from .layers import as_tensor_list, layer_table
 from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
                      group_json)
 from .singlefile import publish_single_file
-
-SMOOTHING = ("mct",)
 
 
 def _now() -> str:
@@ -63,6 +62,8 @@ class ExpertWriter:
         self._t = 0
         self._history: deque[list[torch.Tensor]] = deque(maxlen=3)
         self._norms = np.zeros((self._last, len(self._layers)), dtype=np.float64)
+        self._path_norms = np.zeros_like(self._norms)  # of the smoothed path (binomial smoothing's betas)
+        self._path_last: list[torch.Tensor] | None = None
         self._anchors: dict[int, list[torch.Tensor]] = {}
         self._done = False
 
@@ -88,18 +89,29 @@ class ExpertWriter:
             self._norms[t - 1] = [torch.linalg.vector_norm(a.double() - b.double()).item()
                                   for a, b in zip(tensors, prev)]
         self._history.append(tensors)
-        smooth = self._w.meta.smoothing == "mct"
-        if t in self._epochs and not (smooth and t > 0):
-            self._anchors[t] = tensors
-        if smooth and t - 1 in self._epochs and 0 < t - 1 < self._last:
-            before, here, after = self._history  # MCT's inner-waypoint smoothing
-            self._anchors[t - 1] = [0.5 * h + 0.25 * b + 0.25 * a for b, h, a in zip(before, here, after)]
-        if smooth and t == self._last:
-            if len(self._history) < 3:
-                raise InvalidTensorError("MCT smoothing of the end point needs K >= 2", self._w.path)
-            k2, k1, k = self._history
-            self._anchors[t] = [0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(k, k2, k1)]
+        smoothing = self._w.meta.smoothing
+        if smoothing is None:
+            if t in self._epochs:
+                self._anchors[t] = tensors
+        else:  # point t-1 of the smoothed path is known once theta(t) has arrived; the end at once
+            if t > 0:
+                inner = t - 1 in self._epochs and t - 1 > 0
+                self._settle(t - 1, smooth_inner(smoothing, *self._history) if inner else self._history[-2])
+            if t == self._last:
+                k2 = self._history[-3] if len(self._history) == 3 else None
+                if k2 is None and smoothing != "neighbour-mean":
+                    raise InvalidTensorError(f"{smoothing} smoothing of the end point needs K >= 2", self._w.path)
+                self._settle(t, smooth_end(smoothing, k2, self._history[-2], self._history[-1]))
         self._t += 1
+
+    def _settle(self, t: int, point: list[torch.Tensor]) -> None:
+        """Point t of the smoothed path: an anchor if t is one; its step from point t-1 measured."""
+        if t in self._epochs:
+            self._anchors[t] = point
+        if self._path_last is not None:
+            self._path_norms[t - 1] = [torch.linalg.vector_norm(a.double() - b.double()).item()
+                                       for a, b in zip(point, self._path_last)]
+        self._path_last = point
 
     def extend(self, timesteps: Iterable) -> None:
         for params in timesteps:
@@ -113,8 +125,9 @@ class ExpertWriter:
             raise InvalidTensorError(f"expert {self.id} got {self._t} timesteps, expected "
                                      f"{self._last + 1}; nothing was written for it", self._w.path)
         self._done = True
+        beta_norms = self._path_norms if betas_follow_smoothed_path(self._w.meta.smoothing) else self._norms
         with os_errors(self._w.path):
-            self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance)
+            self._w._publish_expert(self.id, self._anchors, self._norms, self._provenance, beta_norms)
         return self.id
 
     def abort(self) -> None:
@@ -145,8 +158,8 @@ class Writer:
             anchor_epochs = anchor_epochs_with(waypoints, num_timesteps)
         elif waypoints:
             raise TrajstoreError("give anchor_epochs or waypoints, not both")
-        if smoothing not in (None, *SMOOTHING):
-            raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHING)}")
+        if smoothing not in (None, *SMOOTHINGS, *LEGACY_SMOOTHINGS):  # "mct": to append to stores that use it
+            raise TrajstoreError(f"unknown smoothing {smoothing!r}; known: {list(SMOOTHINGS)}")
         prov = {"created": _now(), "tool": _tool(), **(provenance or {})}
         self.meta = StoreMeta(layers=layers, num_timesteps=num_timesteps,
                               anchor_epochs=check_anchor_epochs(anchor_epochs, num_timesteps),
@@ -252,7 +265,7 @@ class Writer:
         self._taken.discard(expert_id)
 
     def _publish_expert(self, expert_id: int, anchors: Mapping[int, list[torch.Tensor]], norms: np.ndarray,
-                        provenance: dict) -> None:
+                        provenance: dict, beta_norms: np.ndarray) -> None:
         """Files first, the manifest last: the store publishes the expert in one step (a rename, or
         on an object store the create-only write of its manifest), so no reader sees part of it."""
         meta, store = self.meta, self._store
@@ -264,7 +277,7 @@ class Writer:
         try:
             contents = {anchor_name(epoch): anchorfile.encode(meta.layers, anchors[epoch], {"epoch": str(epoch)})
                         for epoch in meta.anchor_epochs}
-            contents.update(encode_zarr_array(BETA, beta_from_norms(norms, meta.anchor_epochs)))
+            contents.update(encode_zarr_array(BETA, beta_from_norms(beta_norms, meta.anchor_epochs)))
             contents.update(encode_zarr_array(STEP_NORMS, norms))
             files: dict[str, str] = {}
             for rel, data in contents.items():

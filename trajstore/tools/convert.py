@@ -51,8 +51,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     """Convexify every expert of `src` into a new .ctraj at `out`.
 
     Anchors are epochs 0 and K plus `waypoints` (MCT uses 6, 25 for CIFAR-10); an MCT waypoint store
-    keeps its own waypoints unless others are given. `smoothing="mct"` smooths inner and end anchors
-    as the official MCT code does. `architecture` names the tensors (see `trajstore.legacy.open_buffer`);
+    keeps its own waypoints unless others are given. `smoothing` ("binomial" or "neighbour-mean", the
+    MCT code's two; docs/format.md §4.1) smooths inner and end anchors. `architecture` names the tensors (see `trajstore.legacy.open_buffer`);
     `training` is merged over what the buffer's directory name says (dataset, ZCA).
     """
     out = Path(out)
