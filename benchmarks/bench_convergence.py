@@ -10,7 +10,7 @@ convergence point), the best accuracy, and seconds per iteration. A PNG shows th
 with a +-1 std band.
 
     python -m benchmarks.bench_convergence [--iterations 200] [--eval-every 25] [--seeds 0,1,2]
-        [--expert-epochs 2] [--eval-nets 5] [--work DIR] [--out benchmarks/results/convergence.json]
+        [--expert-epochs 6] [--eval-nets 5] [--work DIR] [--out benchmarks/results/convergence_M6.json]
 """
 
 from __future__ import annotations

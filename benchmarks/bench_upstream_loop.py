@@ -17,7 +17,8 @@ Both loops read the same MTT buffer (random-walk ConvNet trajectories; timings d
 weight values) and train the same synthetic set shape: ConvNet (depth 3, width 128, instance norm) on
 3x32x32 digits, ipc 1 (10 images), N = 20, M = 2, no evaluation. The two take turns iteration by
 iteration, so load from other jobs on a shared machine falls on both alike; s/iteration is
-(time of `iterations` iterations - time of the first) / (iterations - 1) per loop.
+(time of `iterations` iterations - time of the first) / (iterations - 1) per loop, in wall seconds and
+in this process's CPU seconds (`time.process_time`, which a loaded machine disturbs far less).
 """
 
 from __future__ import annotations
@@ -188,13 +189,15 @@ def main(argv=None):
                                 max_start_epoch=max_start, lr_teacher=0.01, device=device)
         loops = {"upstream_reimplementation": upstream.step, "trajstore_matcher": matcher.step}
         times: dict[str, list[float]] = {name: [] for name in loops}
+        cpu_times: dict[str, list[float]] = {name: [] for name in loops}
         for _ in range(args.iterations):
             for name, step in loops.items():
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step()
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
         if args.profile:
             from torch.profiler import profile
 
@@ -204,9 +207,13 @@ def main(argv=None):
                 print(f"--- {name}: one iteration")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     per_it = {name: (sum(t) - t[0]) / (len(t) - 1) for name, t in times.items()}
+    cpu_per_it = {name: (sum(t) - t[0]) / (len(t) - 1) for name, t in cpu_times.items()}
     results = {device.split(":")[0]: {
         "seconds_per_iteration": per_it, "iteration_seconds": times,
-        "ratio_trajstore_over_upstream": per_it["trajstore_matcher"] / per_it["upstream_reimplementation"]}}
+        "cpu_seconds_per_iteration": cpu_per_it, "iteration_cpu_seconds": cpu_times,
+        "ratio_trajstore_over_upstream": per_it["trajstore_matcher"] / per_it["upstream_reimplementation"],
+        "cpu_ratio_trajstore_over_upstream":
+            cpu_per_it["trajstore_matcher"] / cpu_per_it["upstream_reimplementation"]}}
     return write_result(args.out, "upstream_loop", vars(args), results)
 
 

@@ -103,3 +103,13 @@ SMOOTHING_HELP = ("Smooth the stored inner and end anchors as the MCT code does 
                   "(convexify.py: 0.5 theta(e) + 0.25 each neighbour, betas from the smoothed path) or "
                   "neighbour-mean (the compressed store MCT distills from: mean of the two neighbours, betas from "
                   "the raw path).")
+
+
+nproc_option = click.option(
+    "--nproc", type=click.IntRange(min=1),
+    help="Run on this many local processes on torch.distributed (one GPU each with CUDA, gloo on the "
+         "CPU) [1]. Under torchrun leave it out: torchrun sets the processes.")
+
+
+def no_log(_message: str) -> None:
+    """The log of a --quiet run: a named function, so spawned processes (--nproc) can receive it."""

@@ -37,14 +37,17 @@ class DSAParams:
 class _Draw:
     """Random numbers for one call: per image, or one value shared by the batch (upstream's batch mode)."""
 
-    def __init__(self, generator: torch.Generator | None, n: int, batchwise: bool, x: torch.Tensor):
+    def __init__(self, generator: torch.Generator | None, n: int, batchwise: bool, x: torch.Tensor,
+                 rows: tuple[int, int] | None = None):
         self.g, self.n, self.batchwise, self.x = generator, n, batchwise, x
+        # x is rows [first, first + n) of a batch of `total`: draw for the whole batch, keep x's rows.
+        self.first, self.total = rows if rows is not None else (0, n)
 
     def _shape(self, *rest: int) -> tuple[int, ...]:
-        return (1 if self.batchwise else self.n, *rest)
+        return (1 if self.batchwise else self.total, *rest)
 
     def _spread(self, t: torch.Tensor) -> torch.Tensor:
-        return t.expand(self.n, *t.shape[1:]) if self.batchwise else t
+        return t.expand(self.n, *t.shape[1:]) if self.batchwise else t[self.first:self.first + self.n]
 
     def rand(self, *rest: int) -> torch.Tensor:
         t = torch.rand(self._shape(*rest), generator=self.g)
@@ -132,12 +135,14 @@ def strategy_operations(strategy: str) -> list[str]:
 
 
 def dsa(x: torch.Tensor, seed: int | None, strategy: str = STRATEGY, params: DSAParams = DSAParams(), *,
-        batchwise: bool = False) -> torch.Tensor:
+        batchwise: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Apply one randomly chosen operation of `strategy` to a batch (N, C, H, W), differentiably.
 
     seed: an integer replays the same operation and parameters (for the same batch size); None draws
     from torch's global generator. batchwise=True gives every image the same parameters, upstream's
-    siamese batch mode, so batches of different sizes can share one transform.
+    siamese batch mode, so batches of different sizes can share one transform. rows=(first, total):
+    x is rows [first, first + N) of a batch of `total` images, and gets exactly those rows' transform
+    (how data-parallel processes augment their share of one batch).
     """
     names = strategy_operations(strategy)
     if x.dim() != 4:
@@ -146,7 +151,9 @@ def dsa(x: torch.Tensor, seed: int | None, strategy: str = STRATEGY, params: DSA
         return x
     g = None if seed is None else torch.Generator().manual_seed(int(seed))
     name = names[int(torch.randint(len(names), (1,), generator=g))]
-    return OPERATIONS[name](x, params, _Draw(g, x.size(0), batchwise, x)).contiguous()
+    if rows is not None and not (0 <= rows[0] and rows[0] + x.size(0) <= rows[1]):
+        raise ValueError(f"rows {rows} do not hold a batch of {x.size(0)} images")
+    return OPERATIONS[name](x, params, _Draw(g, x.size(0), batchwise, x, rows)).contiguous()
 
 
 def seeded_dsa(generator: torch.Generator, strategy: str = STRATEGY,

@@ -9,6 +9,7 @@ accuracy.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,10 @@ class EvalResult:
     std: float
     accuracies: tuple[float, ...]
 
+    @classmethod
+    def of(cls, accuracies) -> "EvalResult":
+        return cls(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies))
+
     def __str__(self) -> str:
         return f"{100 * self.mean:.2f} +- {100 * self.std:.2f} % over {len(self.accuracies)} networks"
 
@@ -47,13 +52,15 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                     epochs: int | None = None, model: str = "ConvNet", dsa: bool = True, seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
                     batch_size: int = BATCH_SIZE, dsa_strategy: str = STRATEGY,
-                    together: bool | None = None) -> EvalResult:
+                    together: bool | None = None, nets: Sequence[int] | None = None) -> EvalResult:
     """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set.
 
     together: train the networks at once as one stacked network (`batched.NetStack`; same protocol,
     same draws per network, same accuracies up to float rounding) or one by one. None: together on
     a GPU, where one small network leaves it mostly idle, and one by one on the CPU, where stacking
     does not pay (see benchmarks/RESULTS.md). Networks with batch norm are always trained one by one.
+    nets: train only the networks with these numbers (< num_nets, each from its own seed), as processes
+    that share an evaluation do (distill.distributed.parallel_evaluation); default all of them.
     """
     epochs = EPOCHS if epochs is None else int(epochs)
     if num_nets < 1 or epochs < 0 or not lr > 0:
@@ -64,8 +71,11 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
     dev = resolve_device(device)
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.int64)
     test_images, test_labels = dataset.test_images.to(dev), dataset.test_labels.to(dev)
+    numbers = range(num_nets) if nets is None else list(nets)
+    if not numbers or not all(0 <= k < num_nets for k in numbers):
+        raise TrajstoreError(f"network numbers {list(numbers)} are not a non-empty part of 0..{num_nets - 1}")
     nets, generators = [], []
-    for k in range(num_nets):
+    for k in numbers:
         s = derived_seed(seed, k)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
@@ -75,7 +85,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
     if together is None:
         together = dev.type == "cuda"
     schedule = _Schedule(float(lr), epochs)
-    with tqdm(total=num_nets * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
+    with tqdm(total=len(nets) * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
         if together and stackable(nets[0]):
             stack = NetStack(nets)
             optimizer = schedule.optimizer(stack.parameters())
@@ -83,7 +93,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                 stack.train_epoch(images, labels, optimizer=optimizer, batch_size=batch_size,
                                   generators=generators, augments=augments, device=dev)
                 optimizer = schedule.after_epoch(ep, stack.parameters(), optimizer)
-                bar.update(num_nets)
+                bar.update(len(nets))
             accuracies = stack.accuracy(test_images, test_labels, device=dev)
         else:
             accuracies = []
@@ -96,7 +106,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                     bar.update()
                 accuracies.append(accuracy(net, test_images, test_labels, device=dev))
                 bar.set_postfix(last=f"{100 * accuracies[-1]:.2f}%")
-    return EvalResult(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies))
+    return EvalResult.of(accuracies)
 
 
 class _Schedule:

@@ -4,12 +4,18 @@ The .ctraj goes through trajstore's streaming writer one epoch at a time, so onl
 running step norms are ever held, never the trajectory. Each expert's randomness (initialisation,
 shuffling, DSA) comes from a seed derived from (seed, expert index), so an interrupted run that is
 started again continues at the next missing expert and produces what an uninterrupted run would have.
+
+In a process group (distill.distributed: `--nproc N` or torchrun) every process runs `train_experts`
+with the same settings; they take the missing experts one at a time from a shared counter and publish
+them into the one store (the writer publishes each expert atomically on its own), so expert i is the
+same whichever process trained it and however many there were.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,11 +28,13 @@ from trajstore.errors import FormatError, TrajstoreError
 from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
 
+from . import distributed
 from .augment import STRATEGY, seeded_dsa, strategy_operations
+from .batched import NetStack, stackable
 from .data import Dataset, load_dataset
 from .networks import build_spec, config_for
 from .synset import save_figure
-from .train import accuracy, derived_seed, resolve_device, train_epoch
+from .train import accuracy, derived_seed, train_epoch
 
 TRAJECTORIES_PER_FILE = 10  # upstream buffer.py's save_interval
 
@@ -38,7 +46,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                   waypoints: Sequence[int] = (), smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = 0,
                   device: str | torch.device | None = None, progress: bool = True,
-                  log: Callable[[str], object] = print) -> Path:
+                  log: Callable[[str], object] = print, batch_experts: int = 1) -> Path:
     """Train experts 0..num_experts-1 with SGD (the family's defaults) into the .ctraj `out`.
 
     Experts already complete in `out` are kept and skipped; the settings must match those the store
@@ -46,16 +54,31 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
+    batch_experts > 1 trains that many experts at once as one stacked network (`batched.NetStack`):
+    each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
+    (up to float rounding). Networks with batch norm, and runs in a process group (whose queue hands
+    out one expert at a time), are trained one by one regardless.
     `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
+    In a process group (see the module's doc) only rank 0 reports, with one bar over all experts' epochs.
     """
     out = Path(out)
+    group = distributed.current()
+    main = group is None or group.is_main
     try:
         strategy_operations(dsa_strategy)
     except ValueError as exc:
         raise TrajstoreError(f"dsa_strategy: {exc}") from None
-    if num_experts < 1 or epochs < 1:
-        raise TrajstoreError(f"need at least one expert and one epoch (got {num_experts}, {epochs})")
-    dev = resolve_device(device)
+    if num_experts < 1 or epochs < 1 or batch_experts < 1:
+        raise TrajstoreError(f"need at least one expert, one epoch and batch_experts >= 1 (got {num_experts}, "
+                             f"{epochs}, {batch_experts})")
+    if group is not None:
+        group.check_same("experts", {"out": str(out), "dataset": dataset if isinstance(dataset, str) else
+                                     dataset.meta(), "model": model, "num_experts": num_experts, "epochs": epochs,
+                                     "lr": lr, "batch_size": batch_size, "momentum": momentum, "dsa": dsa,
+                                     "weight_decay": weight_decay, "dsa_strategy": dsa_strategy, "zca": zca,
+                                     "waypoints": list(waypoints), "smoothing": smoothing, "seed": seed,
+                                     "legacy_dir": str(legacy_dir) if legacy_dir is not None else None})
+    dev = distributed.device_for(device)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_path=data_path, zca=zca)
     config = config_for(model, ds.channel, ds.num_classes, ds.im_size)
     architecture = {"name": model, **config.to_json()}
@@ -68,20 +91,44 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
     test = ds.test_images.to(dev), ds.test_labels.to(dev)
 
     def say(message: str) -> None:
-        with tqdm.external_write_mode():
-            log(message)
+        if main:
+            with tqdm.external_write_mode():
+                log(message)
 
     with torch.device("meta"):  # the layer table needs only shapes; this leaves torch's RNG alone
         layers = trajstore.layer_table(build_spec(config))
+        stacked = batch_experts > 1 and group is None and stackable(build_spec(config))
+    if group is not None and not main:
+        group.barrier()  # rank 0 creates the store (or fails) first; the others join it
     with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
                           architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True) as w:
-        finished = w.existing_experts()
+        if group is not None and main:
+            group.barrier()
+        twin = _LegacyTwin(Path(legacy_dir)) if legacy_dir is not None else None
+
+        def found() -> list[int]:
+            finished = w.existing_experts()
+            if twin is not None:
+                twin.check(finished)
+            return finished
+
+        # In a group: what rank 0 found before anyone publishes more (or its refusal), on every rank.
+        finished = found() if group is None else group.on_main(found)
         todo = [i for i in range(num_experts) if i not in set(finished)]
-        twin = _LegacyTwin(Path(legacy_dir), finished) if legacy_dir is not None else None
-        say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev})")
-        with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not progress) as bar:
-            for index in todo:
+        queue = _Queue(todo, epochs, group)
+        say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev}"
+            + (f" x {group.world_size} processes)" if group is not None else ")"))
+        with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not (progress and main)) as bar:
+            group_args = dict(train=train, test=test, seed=seed, dev=dev, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy,
+                              epochs=epochs)
+            for first in range(0, len(todo) if stacked else 0, batch_experts):
+                _train_together(todo[first:first + batch_experts], lambda: build_spec(config), w, twin, say, bar,
+                                **group_args)
+                if twin is not None:
+                    twin.merge(set(w.existing_experts()))
+            for index in [] if stacked else queue:
                 s = derived_seed(seed, index)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s)
@@ -103,7 +150,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                                 record[key].append(value)
                             say(f"expert {index} epoch {epoch}/{epochs}: train loss {loss:.4f}, "
                                 f"train acc {100 * train_acc:.2f}%, test acc {100 * test_acc:.2f}%")
-                            bar.update()
+                            queue.epoch_done(bar)
                         ew.append(net)
                         if twin is not None:
                             trajectory.append([p.detach().to("cpu", copy=True) for p in net.parameters()])
@@ -112,7 +159,103 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
                         twin.add(index, trajectory)  # before the expert is published: see _LegacyTwin
                 say(f"expert {index} done in {record['seconds']:.1f} s: "
                     f"test acc {100 * record['test_acc'][-1]:.2f}%")
+                if twin is not None and main:
+                    twin.merge(set(w.existing_experts()))
+            queue.wait_for_all(bar)
+        if group is not None:
+            group.barrier()  # every expert published before the store is closed and the twin finished
+        if twin is not None and main:
+            twin.merge(set(w.existing_experts()))
     return out
+
+
+def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w, twin: "_LegacyTwin | None",
+                    say: Callable[[str], None], bar, *, train, test, seed: int, dev: torch.device, lr: float,
+                    momentum: float, weight_decay: float, batch_size: int, dsa: bool, dsa_strategy: str,
+                    epochs: int) -> None:
+    """Experts `group` trained at once, each as `train_experts` trains one alone, then published in order."""
+    group = list(group)
+    seeds = [derived_seed(seed, index) for index in group]
+    nets = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            nets.append(make_net().to(dev))
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
+    stack = NetStack(nets)
+    del nets
+    optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    records = [{"seed": s, "device": str(dev), "batch_experts": len(group), "train_acc": [], "test_acc": [],
+                "train_loss": []} for s in seeds]
+    writers = [w.expert(index, provenance=record) for index, record in zip(group, records)]
+    trajectories: list[list] = [[] for _ in group]
+    started = time.perf_counter()
+    try:
+        for epoch in range(epochs + 1):
+            if epoch > 0:
+                losses, train_accs = stack.train_epoch(*train, optimizer=optimizer, batch_size=batch_size,
+                                                       generators=generators, augments=augments, device=dev)
+                test_accs = stack.accuracy(*test, device=dev)
+                for index, record, loss, train_acc, test_acc in zip(group, records, losses, train_accs, test_accs):
+                    for key, value in zip(("train_loss", "train_acc", "test_acc"), (loss, train_acc, test_acc)):
+                        record[key].append(value)
+                    say(f"expert {index} epoch {epoch}/{epochs}: train loss {loss:.4f}, "
+                        f"train acc {100 * train_acc:.2f}%, test acc {100 * test_acc:.2f}%")
+                bar.update(len(group))
+            for k, ew in enumerate(writers):
+                params = [p.detach() for p in stack.network(k)]
+                ew.append(params)
+                if twin is not None:
+                    trajectories[k].append([p.to("cpu", copy=True) for p in params])
+        seconds = time.perf_counter() - started
+        while writers:  # published in index order, each right after its legacy twin (see _LegacyTwin)
+            index, record, ew, trajectory = group[0], records[0], writers[0], trajectories[0]
+            record["seconds"] = seconds
+            if twin is not None:
+                twin.add(index, trajectory)
+            ew.close()
+            del group[0], records[0], writers[0], trajectories[0]
+            say(f"expert {index} done in {seconds:.1f} s (trained together with others): "
+                f"test acc {100 * record['test_acc'][-1]:.2f}%")
+    except BaseException:
+        for ew in writers:  # nothing of the unpublished ones is written
+            ew.abort()
+        raise
+
+
+class _Queue:
+    """The experts still to train, handed out one at a time: in order alone; in a process group from a
+    counter in the group's store, so a process that is free takes the next one; plus the count of
+    epochs done by every process, which rank 0's progress bar shows."""
+
+    def __init__(self, todo: list[int], epochs: int, group: distributed.Group | None):
+        self.todo, self.group, self.total, self.done = todo, group, len(todo) * epochs, 0
+        if group is not None:
+            run = group.broadcast(uuid.uuid4().hex)  # fresh counters for this run
+            self.taken, self.epochs = group.counter(f"experts/{run}/taken"), group.counter(f"experts/{run}/epochs")
+
+    def __iter__(self):
+        if self.group is None:
+            yield from self.todo
+            return
+        while (k := self.taken.add(1) - 1) < len(self.todo):
+            yield self.todo[k]
+
+    def _show(self, done: int, bar) -> None:
+        bar.update(done - self.done)
+        self.done = done
+
+    def epoch_done(self, bar) -> None:
+        self._show(self.done + 1 if self.group is None else self.epochs.add(1), bar)
+
+    def wait_for_all(self, bar) -> None:
+        """Rank 0's bar follows the others' epochs until every expert is done."""
+        if self.group is None or not self.group.is_main:
+            return
+        while self.done < self.total:
+            time.sleep(0.2)
+            self._show(self.epochs.value, bar)
 
 
 def _check_resumable(out: Path, architecture: dict, training: dict) -> None:
@@ -144,40 +287,73 @@ def _load_buffer(path: Path) -> list:
 class _LegacyTwin:
     """The MTT buffer of the same runs, kept in step with the .ctraj so both resume together.
 
-    Expert i is trajectory i % 10 of replay_buffer_{i // 10}.pt. A trajectory is saved before its
-    expert is published in the .ctraj, so after a crash the twin holds at most one expert more than
-    the .ctraj; that stale trajectory is replaced when the expert is trained again.
+    Expert i is trajectory i % 10 of replay_buffer_{i // 10}.pt, as upstream names them. Whichever
+    process trains expert i saves its trajectory alone as PARTS/expert_{i}.pt before the expert is
+    published in the .ctraj; one process then `merge`s the parts of published experts, in order, into
+    the buffer files. So the buffer files only ever hold published experts, and a part left by a crash
+    is replaced when its expert is trained again.
     """
 
-    def __init__(self, directory: Path, finished: list[int]):
+    PARTS = ".trajstore-parts"  # a hidden subfolder: upstream's loaders only open replay_buffer_{n}.pt
+
+    def __init__(self, directory: Path):
         self.dir = directory
-        if finished != list(range(len(finished))):
-            raise TrajstoreError(f"a legacy twin needs experts numbered from 0 without gaps; the .ctraj "
-                                 f"holds {finished}", directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        count = 0
+        self.parts = directory / self.PARTS
+
+    def _part(self, index: int) -> Path:
+        return self.parts / f"expert_{index}.pt"
+
+    def count(self) -> int:
+        """How many trajectories the buffer files hold."""
         n = 0
         while _buffer_path(self.dir, n).exists():
             n += 1
-        if n:
-            count = TRAJECTORIES_PER_FILE * (n - 1) + len(_load_buffer(_buffer_path(self.dir, n - 1)))
-        if count not in (len(finished), len(finished) + 1):
+        return TRAJECTORIES_PER_FILE * (n - 1) + len(_load_buffer(_buffer_path(self.dir, n - 1))) if n else 0
+
+    def check(self, finished: list[int]) -> None:
+        """Refuse a twin that does not hold the experts `finished` in the .ctraj (and nothing else)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        count = self.count()
+        merged = set(range(count))
+        if not merged <= set(finished) or any(i not in merged and not self._part(i).is_file() for i in finished):
             raise TrajstoreError(f"holds {count} legacy trajectories but the .ctraj holds {len(finished)} "
                                  "experts: it belongs to another run (choose another --legacy-dir), or "
                                  "the twin was not written from the start", self.dir)
 
     def add(self, index: int, trajectory: list[list[torch.Tensor]]) -> None:
-        path = _buffer_path(self.dir, index // TRAJECTORIES_PER_FILE)
-        position = index % TRAJECTORIES_PER_FILE
-        kept = _load_buffer(path)[:position] if position else []
-        if len(kept) != position:
-            raise FormatError(f"holds {len(kept)} trajectories; expert {index} would be number {position}", path)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        path = self._part(index)
         tmp = atomic.temp_sibling(path)
         try:
-            torch.save(kept + [trajectory], tmp)
+            torch.save([trajectory], tmp)  # a buffer of one trajectory
             atomic.publish_file(tmp, path, overwrite=True)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def merge(self, published: set[int]) -> None:
+        """Append the parts of the published experts that come next, in order, to the buffer files."""
+        count = self.count()
+        while count in published and self._part(count).is_file():
+            path = _buffer_path(self.dir, count // TRAJECTORIES_PER_FILE)
+            position = count % TRAJECTORIES_PER_FILE
+            kept = _load_buffer(path)[:position] if position else []
+            if len(kept) != position:
+                raise FormatError(f"holds {len(kept)} trajectories; expert {count} would be number {position}", path)
+            batch = []
+            while count in published and self._part(count).is_file() and len(kept) + len(batch) < TRAJECTORIES_PER_FILE:
+                batch.append(_load_buffer(self._part(count))[0])
+                count += 1
+            tmp = atomic.temp_sibling(path)
+            try:
+                torch.save(kept + batch, tmp)
+                atomic.publish_file(tmp, path, overwrite=True)
+            finally:
+                tmp.unlink(missing_ok=True)
+        for part in self.parts.glob("expert_*.pt") if self.parts.is_dir() else ():
+            if int(part.stem.split("_")[1]) < count:  # merged (or merged before a crash)
+                part.unlink(missing_ok=True)
+        if self.parts.is_dir() and not any(self.parts.iterdir()):
+            self.parts.rmdir()
 
 
 def plot_accuracy(ctraj: str | os.PathLike, png: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -109,6 +109,7 @@ class UnrollStep:
 
     indices: torch.Tensor
     seed: int
+    share: object | None = None  # this process's part of the step when data-parallel (distill.distributed)
 
 
 def plan_unroll(rng: np.random.Generator, num_images: int, batch_syn: int, syn_steps: int) -> list[UnrollStep]:
@@ -127,10 +128,13 @@ def plan_unroll(rng: np.random.Generator, num_images: int, batch_syn: int, syn_s
 
 
 def _student_gradient(student: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                      seed: int, augment: Augment | None, create_graph: bool) -> torch.Tensor:
-    """d cross_entropy / d theta on one (augmented) minibatch."""
+                      step: UnrollStep, augment: Augment | None, create_graph: bool) -> torch.Tensor:
+    """d cross_entropy / d theta on one (augmented) minibatch; with a data-parallel share, x is this
+    process's rows and the result is the whole minibatch's gradient, summed over the processes."""
+    if step.share is not None:
+        return step.share.gradient(student, theta, x, y, step.seed, augment, create_graph)
     if augment is not None:
-        x = augment(x, seed)
+        x = augment(x, step.seed)
     loss = F.cross_entropy(student(theta, x), y)
     return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
 
@@ -139,7 +143,7 @@ def _unroll_plain(student, images, labels, syn_lr, start, plan, augment) -> torc
     theta = start.detach().requires_grad_(True)
     for step in plan:
         idx = step.indices.to(images.device)
-        grad = _student_gradient(student, theta, images[idx], labels[idx], step.seed, augment, create_graph=True)
+        grad = _student_gradient(student, theta, images[idx], labels[idx], step, augment, create_graph=True)
         theta = theta - syn_lr * grad
     return theta
 
@@ -163,7 +167,7 @@ class _ConstantMemoryMatch(torch.autograd.Function):
             for step in plan:
                 theta = thetas[-1].detach().requires_grad_(True)
                 idx = step.indices.to(images.device)
-                grad = _student_gradient(student, theta, images.detach()[idx], labels[idx], step.seed, augment,
+                grad = _student_gradient(student, theta, images.detach()[idx], labels[idx], step, augment,
                                          create_graph=False)
                 thetas.append(theta.detach() - lr * grad)
         ctx.thetas, ctx.student, ctx.labels, ctx.plan, ctx.augment = thetas, student, labels, plan, augment
@@ -185,7 +189,7 @@ class _ConstantMemoryMatch(torch.autograd.Function):
             with torch.enable_grad():
                 theta = thetas.pop().requires_grad_(True)
                 x = images.detach()[idx].requires_grad_(True)
-                grad = _student_gradient(ctx.student, theta, x, ctx.labels[idx], step.seed, ctx.augment,
+                grad = _student_gradient(ctx.student, theta, x, ctx.labels[idx], step, ctx.augment,
                                          create_graph=True)
                 grad_lr -= torch.dot(adjoint, grad.detach())
                 # theta_0 is the expert's start, a constant: no Hessian-vector product needed there.
@@ -215,7 +219,7 @@ class _FirstOrderMatch(torch.autograd.Function):
             for step in plan:
                 idx = step.indices.to(images.device)
                 theta = theta.detach().requires_grad_(True)
-                grad = _student_gradient(student, theta, images.detach()[idx], labels[idx], step.seed, augment,
+                grad = _student_gradient(student, theta, images.detach()[idx], labels[idx], step, augment,
                                          create_graph=False)
                 total += grad
                 theta = theta.detach() - lr * grad
@@ -238,7 +242,7 @@ class _FirstOrderMatch(torch.autograd.Function):
             with torch.enable_grad():
                 theta = theta.detach().requires_grad_(True)
                 x = images.detach()[idx].requires_grad_(True)
-                grad = _student_gradient(ctx.student, theta, x, ctx.labels[idx], step.seed, ctx.augment,
+                grad = _student_gradient(ctx.student, theta, x, ctx.labels[idx], step, ctx.augment,
                                          create_graph=True)
                 (vjp,) = torch.autograd.grad(grad, x, grad_outputs=v)
             grad_images.index_add_(0, idx, vjp)
@@ -328,7 +332,9 @@ class Matcher:
     """
 
     def __init__(self, source: TrajectorySource, synset: SyntheticSet, student: FunctionalNet,
-                 config: MatchConfig, *, rng: np.random.Generator, augment: Augment | None = None):
+                 config: MatchConfig, *, rng: np.random.Generator, augment: Augment | None = None,
+                 parallel=None):
+        self.parallel = parallel  # distill.distributed.ShardedSteps: data-parallel over each step's images
         self.source = source
         self.synset = synset
         self.student = student
@@ -348,6 +354,8 @@ class Matcher:
         start, target, info = self.source.sample(self.rng, cfg.max_start_epoch, cfg.expert_epochs,
                                                  discrete=cfg.discrete, device=self.device, dtype=self.dtype)
         plan = plan_unroll(self.rng, len(self.synset), cfg.batch_syn or len(self.synset), cfg.syn_steps)
+        if self.parallel is not None:
+            plan = self.parallel.localize(plan)
         loss = match_loss(self.student, self.synset.images, self.synset.labels, self.synset.syn_lr, start, target,
                           plan, augment=self.augment, memory=cfg.memory)
         value = loss.item()
@@ -356,7 +364,13 @@ class Matcher:
                                  f"{value} (expert {info.expert}, start {info.start:g}); lower lr_img or lr_lr")
         self.optimizer_img.zero_grad()
         self.optimizer_lr.zero_grad()
-        loss.backward()
+        # Asking for the images' and the lr's gradients alone (not loss.backward()) spares the
+        # Hessian-vector product into the expert's start point that backward() would compute and drop.
+        trained = (self.synset.images, self.synset.syn_lr)
+        for p, g in zip(trained, torch.autograd.grad(loss, trained, allow_unused=True)):
+            p.grad = g
+        if self.parallel is not None:
+            self.parallel.reduce_gradients(self.synset.images, self.synset.syn_lr)
         self.optimizer_img.step()
         self.optimizer_lr.step()
         syn_lr = self.synset.syn_lr.item()

@@ -45,7 +45,7 @@ import trajstore
 from trajstore.stores import atomic
 from trajstore.errors import ExistsError, FormatError, TrajstoreError
 
-from . import loggers
+from . import distributed, loggers
 from .augment import STRATEGY, dsa, strategy_operations
 from .data import Dataset, load_dataset
 from .evaluate import EvalResult, evaluate_synset
@@ -55,7 +55,6 @@ from .presets import get_preset
 from .subsets import expert_subset
 from .sources import ConvexifiedSource, LegacySource, TrajectorySource, check_zca
 from .synset import save_figure, save_grid, save_synset, save_upstream
-from .train import resolve_device
 
 METHODS = ("mct", "mtt")
 INITS = ("real", "noise")
@@ -419,30 +418,44 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
 
     An unfinished run in `out_dir` is resumed when `resume` (same settings required); a finished one
     is replaced only with `overwrite`. `logger` ("tensorboard" or "wandb", see distill.loggers) also
-    receives every metrics.jsonl record.
+    receives every metrics.jsonl record. In a process group (distill.distributed) every process runs
+    this with the same settings: each student step's images are split over the processes, the
+    evaluation networks too, and only rank 0 writes `out_dir`, logs and reports.
     """
     began = time.perf_counter()
     loggers.require(logger)
     out = Path(out_dir)
+    group = distributed.current()
+    main = group is None or group.is_main
+    if group is not None:
+        group.check_same("distillation", {**{k: v for k, v in config.to_json().items() if k != "data_path"},
+                                          "out_dir": str(out), "resume": resume, "overwrite": overwrite})
+    device = distributed.device_for(config.device)
     setup = _setup(config)
     experts, ds = setup.experts, setup.dataset
     _check_windows(config, experts.source)
-    resuming = _prepare_out_dir(out, config, resume=resume, overwrite=overwrite)
+    on_main = group.on_main if group is not None else (lambda fn, *a, **k: fn(*a, **k))
+    resuming = on_main(_prepare_out_dir, out, config, resume=resume, overwrite=overwrite)
+    progress = progress and main
 
     def say(message: str) -> None:
-        with tqdm.external_write_mode():
-            log(message)
+        if main:
+            with tqdm.external_write_mode():
+                log(message)
 
-    device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
     synset = _initial_set(config, setup, rng, device)
     student = FunctionalNet(build(setup.model, ds.channel, ds.num_classes, ds.im_size))
+    sharded = distributed.ShardedSteps(group) if group is not None and group.world_size > 1 else None
     matcher = Matcher(experts.source, synset, student, config.match_config(), rng=rng,
-                      augment=functools.partial(dsa, strategy=config.dsa_strategy) if config.dsa else None)
+                      augment=functools.partial(dsa, strategy=config.dsa_strategy) if config.dsa else None,
+                      parallel=sharded)
     meta = {"model": setup.model, "method": experts.method, "source": str(experts.path),
             "distill": config.to_json()}
 
     def save_set(name: str, images: torch.Tensor, lr: float, extra: dict) -> None:
+        if not main:
+            return
         save_synset(out / name, images, synset.labels, lr=lr, meta={**meta, **extra}, dataset=ds, overwrite=True)
         save_grid(out / name.replace("synset_", "grid_").replace(".safetensors", ".png"), images, synset.labels,
                   ds, overwrite=True)
@@ -453,23 +466,27 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
     best: dict | None = None
     elapsed = 0.0
     if resuming:
-        state = _load_checkpoint(out / CHECKPOINT)
+        state = on_main(_load_checkpoint, out / CHECKPOINT)  # a checkpoint resumes with any process count
         matcher.load_state_dict(state["matcher"])
         evals, best, elapsed = list(state["evals"]), state["best"], float(state["elapsed"])
-        with open(out / METRICS, "r+b") as f:  # drop records of iterations after the checkpoint
-            f.truncate(int(state["metrics_bytes"]))
+        if main:
+            with open(out / METRICS, "r+b") as f:  # drop records of iterations after the checkpoint
+                f.truncate(int(state["metrics_bytes"]))
         say(f"{out}: resuming at iteration {matcher.iteration} of {config.iterations}")
-    else:
+    elif main:
         (out / METRICS).write_bytes(b"")
         save_grid(out / "grid_init.png", synset.images, synset.labels, ds, overwrite=True)
         say(f"{out}: {experts.method.upper()} on {experts.path} ({experts.source.num_experts} experts), "
             f"{ds.name} {ds.channel}x{ds.im_size[0]}x{ds.im_size[1]}, {setup.model}, ipc {config.ipc}, "
-            f"{config.iterations} iterations on {device}")
-    metrics = open(out / METRICS, "ab")
-    history = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if logger else []
-    sink = loggers.open_logger(logger, out, config.to_json(), history)
+            f"{config.iterations} iterations on {device}"
+            + (f" x {group.world_size} processes" if group is not None else ""))
+    metrics = open(out / METRICS, "ab") if main else io.BytesIO()  # only rank 0 writes the run folder
+    history = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if logger and main else []
+    sink = loggers.open_logger(logger, out, config.to_json(), history) if main else None
 
     def checkpoint() -> None:
+        if not main:
+            return
         metrics.flush()
         _save_checkpoint(out / CHECKPOINT, {
             "version": CHECKPOINT_VERSION, "matcher": matcher.state_dict(), "evals": evals, "best": best,
@@ -487,10 +504,10 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
         nonlocal best
         t0 = time.perf_counter()
         lr = synset.syn_lr.item()
-        result = evaluate_synset(synset.images, synset.labels, ds, lr=lr, num_nets=config.eval_nets,
-                                 epochs=config.eval_epochs, model=setup.model, dsa=config.dsa, seed=config.seed,
-                                 dsa_strategy=config.dsa_strategy,
-                                 device=device, progress=False)
+        result = EvalResult.of(distributed.parallel_evaluation(group, config.eval_nets, lambda nets: evaluate_synset(
+            synset.images, synset.labels, ds, lr=lr, num_nets=config.eval_nets, epochs=config.eval_epochs,
+            model=setup.model, dsa=config.dsa, seed=config.seed, dsa_strategy=config.dsa_strategy, device=device,
+            progress=False, nets=nets).accuracies))
         record = {"kind": "eval", "iteration": i, "mean": result.mean, "std": result.std,
                   "accuracies": list(result.accuracies), "syn_lr": lr, "seconds": time.perf_counter() - t0}
         write(record)
@@ -499,7 +516,8 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
         if improved:
             best = {**record, "images": synset.images.detach().cpu().clone()}
             save_set(BEST, best["images"], lr, {"iteration": i, "accuracy": record["mean"]})
-        plot_accuracy({"": evals}, out / ACCURACY_PNG, title=f"{experts.method.upper()}, {ds.name}, ipc {config.ipc}")
+        if main:
+            plot_accuracy({"": evals}, out / ACCURACY_PNG, title=f"{experts.method.upper()}, {ds.name}, ipc {config.ipc}")
         say(f"iteration {i}: test accuracy {result}{' (best so far)' if improved else ''}")
 
     try:
@@ -532,6 +550,7 @@ def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool =
                                                           "accuracy": final_eval["mean"]})
     result = DistillResult(out, experts.method, config.iterations, _eval_result(final_eval), _eval_result(best),
                            best["iteration"], final_eval["syn_lr"], elapsed + time.perf_counter() - began, tuple(evals))
-    atomic.write_bytes(out / RESULT, json.dumps(result.to_json(), indent=2).encode())
+    if main:
+        atomic.write_bytes(out / RESULT, json.dumps(result.to_json(), indent=2).encode())
     say(f"{out}: final {result.final}; best {result.best} at iteration {result.best_iteration}")
     return result

@@ -9,6 +9,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device a test runs on: every test that takes it runs on the CPU, and on CUDA when present
+    (benchmarks/gpu_check.sh runs those with `-k cuda`)."""
+    return request.param
+
+
 LEGACY_MODEL = {"channel": 3, "num_classes": 4, "im_size": (32, 32), "width": 4, "depth": 3}
 
 

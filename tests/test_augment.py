@@ -5,9 +5,6 @@ import torch
 
 from trajstore.distill.augment import OPERATIONS, STRATEGY, DSAParams, dsa, seeded_dsa
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
 @pytest.fixture
 def batch():
     return torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -21,7 +18,6 @@ def test_reference_parameters():
     assert STRATEGY == "color_crop_cutout_flip_scale_rotate" and set(STRATEGY.split("_")) == set(OPERATIONS)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", [*OPERATIONS, STRATEGY])
 def test_shapes_dtypes_and_determinism(batch, op, device):
     x = batch.to(device)
@@ -114,3 +110,16 @@ def test_bad_arguments(batch):
 def test_a_seed_means_the_same_transform_on_cuda(batch):
     for seed in range(6):
         torch.testing.assert_close(dsa(batch.cuda(), seed).cpu(), dsa(batch, seed), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", [*OPERATIONS, STRATEGY])
+def test_rows_of_a_batch_get_those_rows_transform(batch, op, device):
+    """How data-parallel processes augment their share of one minibatch (distill.distributed)."""
+    x = batch.to(device)
+    for seed in range(4):
+        whole = dsa(x, seed, strategy=op)
+        for first, stop in ((0, 2), (2, 6), (5, 6), (0, 6)):
+            torch.testing.assert_close(dsa(x[first:stop], seed, strategy=op, rows=(first, 6)), whole[first:stop],
+                                       rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="do not hold"):
+        dsa(x[:3], 0, strategy=op, rows=(4, 6))

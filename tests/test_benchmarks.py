@@ -99,3 +99,11 @@ def test_evaluate_benchmark(tmp_path):
                                     "--out", str(tmp_path / "e.json")]))["cpu"]
     assert set(r["accuracies"]) == {"one_network", "k_one_by_one", "k_together"}
     assert len(r["accuracies"]["k_together"]) == 2 and r["cpu_ratio_k_together_over_one"] > 0
+
+
+def test_experts_benchmark(tmp_path):
+    from benchmarks import bench_experts
+
+    r = result(bench_experts.main(["--ks", "1,2", "--epochs", "1", "--train-images", "40", "--model", "ConvNetW8",
+                                   "--out", str(tmp_path / "x.json")]))["cpu"]
+    assert set(r["experts_per_hour"]) == {"1", "2"} and all(v > 0 for v in r["experts_per_hour"].values())

@@ -123,3 +123,31 @@ def test_fuzz_legacy_buffer(sources, tmp_path):
     root = copy_of(sources["legacy"], tmp_path)
     outcomes = fuzz_files(root, [root / "replay_buffer_0.pt"], legacy_numbers, 60, random.Random(SEED + 3))
     assert outcomes["refused"] > 40
+
+
+def test_fuzz_the_command_line(sources, tmp_path):
+    """The commands detect what a path is before reading it: a damaged single file or archive must
+    still end in exit status 0 or one error line (1), never a traceback."""
+    from click.testing import CliRunner
+
+    from trajstore.cli.main import cli
+
+    rng = random.Random(SEED + 4)
+    single = copy_of(sources["single"], tmp_path)
+    archive = copy_of(sources["archive"], tmp_path)
+    targets = [(single, single), (archive, archive / "zarr.json"), (archive, archive / "params" / "000" / "zarr.json")]
+    for path, f in targets:
+        original = f.read_bytes()
+        variants = list(damaged(original, rng, 16))
+        if f == single:  # and as many in its zip central directory, which the commands read first
+            start = int.from_bytes(original[original.rfind(b"PK\x05\x06") + 16:][:4], "little")
+            for pos in rng.sample(range(start, len(original)), 16):
+                variants.append((f"central directory byte {pos}", original[:pos] + bytes([original[pos] ^ 0x10])
+                                 + original[pos + 1:]))
+        for what, data in variants:
+            f.write_bytes(data)
+            for args in (["verify", "--quiet", path], ["inspect", path]):
+                result = CliRunner().invoke(cli, [str(a) for a in args])
+                assert result.exit_code in (0, 1) and isinstance(result.exception, (SystemExit, type(None))), \
+                    f"{args[0]} {f.name} {what}: {result.exception!r}"
+        f.write_bytes(original)

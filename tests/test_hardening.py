@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +25,6 @@ from trajstore.archive import pack, unpack
 from trajstore.format.singlefile import to_single_file
 from trajstore.tools.convert import convert
 from trajstore.tools.export import export_mtt
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -90,20 +87,16 @@ def rewrite_array(path: Path, expert: str, name: str, values: np.ndarray):
     reseal_root(path)
 
 
-def cli(*args, preexec=None):
-    """Run the trajstore command: in this process, or in a child when `preexec` must set it up."""
-    if preexec is None:
-        from click.testing import CliRunner
+def cli(*args):
+    """Run the trajstore command in this process; a raised exception is reported as a traceback."""
+    from click.testing import CliRunner
 
-        from trajstore.cli.main import cli as command
+    from trajstore.cli.main import cli as command
 
-        result = CliRunner().invoke(command, [str(a) for a in args])
-        raw = result.exception if not isinstance(result.exception, (SystemExit, type(None))) else None
-        return SimpleNamespace(returncode=result.exit_code, stdout=result.output,
-                               stderr=result.output + (f"\nTraceback: {raw!r}" if raw else ""))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "trajstore"), *map(str, args)], capture_output=True, text=True, env=env,
-                          preexec_fn=preexec, timeout=120)
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    raw = result.exception if not isinstance(result.exception, (SystemExit, type(None))) else None
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.output,
+                           stderr=result.output + (f"\nTraceback: {raw!r}" if raw else ""))
 
 
 def assert_one_line_error(result, *needles):

@@ -103,3 +103,79 @@ def test_evaluation_together_gives_the_accuracies_of_one_by_one(digits16):
     step = 1 / len(digits16.test_labels)  # float rounding may flip at most a borderline test image
     assert np.allclose(together.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
     assert len(set(one_by_one.accuracies)) > 1  # each network its own draws
+
+
+# -- experts trained together ----------------------------------------------------------------------
+
+from trajstore.distill.experts import train_experts  # noqa: E402
+
+
+def test_experts_trained_together_are_the_experts_trained_alone(tmp_path, digits16):
+    data = digits16.subset(200)
+    kw = dict(dataset=data, model="ConvNetW8", epochs=2, batch_size=64, num_experts=3, progress=False,
+              log=lambda _: None, seed=7)  # 4 shuffled batches per epoch
+    alone = trajstore.open(train_experts(tmp_path / "alone.ctraj", **kw))
+    together = trajstore.open(train_experts(tmp_path / "together.ctraj", batch_experts=2, legacy_dir=tmp_path / "legacy",
+                                            **kw))  # groups {0, 1} and {2}
+    twin = torch.load(tmp_path / "legacy" / "replay_buffer_0.pt", weights_only=True)
+    assert together.expert_ids == alone.expert_ids == [0, 1, 2] and len(twin) == 3
+    for i in range(3):
+        a, t = alone.expert(i), together.expert(i)
+        assert t.provenance["seed"] == a.provenance["seed"]
+        for epoch in a.anchor_epochs:
+            for name, value in a.anchor(epoch).items():
+                torch.testing.assert_close(t.anchor(epoch)[name], value, rtol=1e-4, atol=1e-5)
+        assert np.allclose(t.provenance["test_acc"], a.provenance["test_acc"], atol=0.011)
+        torch.testing.assert_close(t.step_norms, a.step_norms, rtol=1e-3, atol=1e-6)
+        last = together.num_timesteps - 1
+        assert all(torch.equal(p, t.anchor(last)[n]) for p, n in zip(twin[i][last], t.anchor(last)))
+    assert not torch.equal(together.expert(0).anchor(2)["classifier.bias"],
+                           together.expert(1).anchor(2)["classifier.bias"])
+
+
+# -- the matching step -----------------------------------------------------------------------------
+
+from trajstore.distill.augment import dsa  # noqa: E402
+from trajstore.distill.matching import MatchConfig, Matcher, SyntheticSet, match_loss, plan_unroll  # noqa: E402
+from trajstore.distill.networks import FunctionalNet  # noqa: E402
+from trajstore.distill.sources import ConvexifiedSource  # noqa: E402
+
+
+class _Recording:
+    """A trajectory source that keeps the last (start, target, info) it handed out."""
+
+    def __init__(self, source):
+        self.source, self.last = source, None
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def sample(self, *args, **kwargs):
+        self.last = self.source.sample(*args, **kwargs)
+        return self.last
+
+
+def test_a_matching_step_is_sgd_on_the_full_backward_gradient(tmp_path, digits16, monkeypatch):
+    import trajstore.distill.matching as matching
+
+    net = _fresh(0).double()
+    layers = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
+    path = write_store(tmp_path / "m.ctraj", [random_walk(layers, seed=s) for s in range(2)], layers=layers,
+                       waypoints=(4,))
+    source = _Recording(ConvexifiedSource(trajstore.open(path)))
+    plans = []
+    monkeypatch.setattr(matching, "plan_unroll", lambda *a, **k: plans.append(plan_unroll(*a, **k)) or plans[-1])
+    rng = np.random.default_rng(3)
+    syn = SyntheticSet.from_real(digits16.train_images, digits16.train_labels, 1, 0.01, rng=rng, dtype=torch.float64)
+    config = MatchConfig(syn_steps=3, expert_epochs=2, max_start_epoch=5, lr_img=100.0, lr_lr=1e-3)
+    before_images, before_lr = syn.images.detach().clone(), syn.syn_lr.detach().clone()
+    Matcher(source, syn, FunctionalNet(net), config, rng=rng, augment=dsa).step()
+    # The reference: the same draws, loss.backward() through everything, one SGD step by hand
+    # (momentum starts at zero, so the first step is lr * gradient).
+    images = before_images.clone().requires_grad_(True)
+    lr = before_lr.clone().requires_grad_(True)
+    start, target, _ = source.last
+    match_loss(FunctionalNet(net), images, syn.labels, lr, start, target, plans[-1], augment=dsa).backward()
+    torch.testing.assert_close(syn.images.detach(), before_images - 100.0 * images.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(syn.syn_lr.detach(), before_lr - 1e-3 * lr.grad, rtol=1e-10, atol=1e-14)
+    assert images.grad.abs().max() > 0

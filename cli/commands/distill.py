@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import DISTILL_ALIASES, UpstreamCommand, upstream_expert_dir
+from trajstore.cli.options import DISTILL_ALIASES, UpstreamCommand, no_log, nproc_option, upstream_expert_dir
 
 
 def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -76,14 +76,16 @@ def _list_presets(ctx, param, value) -> None:
 @click.option("--model", help="Network [recorded in SOURCE, else ConvNet].")
 @click.option("--device", help="cuda, cpu, ... [CUDA when present].")
 @click.option("--seed", type=int, help="Seed of every random choice [0].")
+@nproc_option
 @click.option("--out", type=click.Path(), help="Output folder [<SOURCE name>-<method>-ipc<ipc>].")
 @click.option("--force", is_flag=True, help="Replace a finished (or unfinished) run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-evaluation lines.")
-def distill_command(source, config_path, buffer_path, logger, preset, out, force, quiet, **settings):
+def distill_command(source, config_path, buffer_path, logger, preset, out, force, quiet, nproc, **settings):
     """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run.
 
     MTT-family spellings work too (--syn_steps, --Iteration, --dsa False, --buffer_path, ...): see
     docs/integrations.md."""
+    from trajstore.distill.distributed import launch
     from trajstore.distill.run import DistillConfig, default_out_dir, distill
 
     if source is None and buffer_path is not None:
@@ -98,7 +100,10 @@ def distill_command(source, config_path, buffer_path, logger, preset, out, force
     else:
         config = DistillConfig.from_preset(source, preset, **settings)
     out = out or default_out_dir(config)
-    result = distill(config, out, overwrite=force, progress=not quiet, log=(lambda _: None) if quiet else click.echo,
-                     logger=logger)
+    result = launch(distill, nproc, (config, out), dict(overwrite=force, progress=not quiet,
+                                                         log=no_log if quiet else click.echo, logger=logger),
+                    device=config.device)
+    if result is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     click.echo(f"final set: {result.final_path} (test accuracy {result.final})")
     click.echo(f"best set:  {result.best_path} (test accuracy {result.best}, iteration {result.best_iteration})")

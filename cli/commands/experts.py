@@ -6,7 +6,7 @@ import click
 
 from trajstore.cli.main import cli
 from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING_HELP, UpstreamCommand, epoch_list,
-                                   upstream_expert_dir)
+                                   no_log, nproc_option, upstream_expert_dir)
 
 
 @cli.command("experts", cls=UpstreamCommand, upstream=EXPERTS_ALIASES)
@@ -32,17 +32,22 @@ from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING
 @click.option("--legacy-dir", type=click.Path(), help="Also write the runs as an MTT buffer (replay_buffer_{n}.pt).")
 @click.option("--buffer-path", hidden=True, help="Upstream's --buffer_path: --legacy-dir becomes "
               "{buffer_path}/{dataset}[_NO_ZCA]/{model}, as upstream's buffer.py writes it.")
+@click.option("--batch-experts", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train this many experts at once as one stacked network (each its own seed, data order "
+                   "and DSA draws: the same experts as one by one, faster where one network leaves the device idle).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when present, else the CPU).")
+@nproc_option
 @click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, batch_size, momentum, weight_decay,
-                    dsa_strategy, waypoints, smoothing, zca, dsa, legacy_dir, buffer_path, seed, device, plot, force,
-                    quiet):
+                    dsa_strategy, waypoints, smoothing, zca, dsa, legacy_dir, buffer_path, batch_experts, seed, device,
+                    nproc, plot, force, quiet):
     """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job.
 
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
+    from trajstore.distill.distributed import launch
     from trajstore.distill.experts import plot_accuracy, train_experts
 
     if buffer_path is not None:
@@ -50,11 +55,15 @@ def experts_command(out, dataset, data_path, model, num_experts, epochs, lr, bat
             raise click.UsageError("give --legacy-dir or --buffer_path, not both")
         legacy_dir = upstream_expert_dir(buffer_path, dataset, zca, model)
     optional = {k: v for k, v in (("weight_decay", weight_decay), ("dsa_strategy", dsa_strategy)) if v is not None}
-    path = train_experts(out, dataset=dataset, data_path=data_path, model=model, num_experts=num_experts,
-                         epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca, **optional,
-                         waypoints=waypoints, smoothing=None if smoothing == "none" else smoothing,
-                         legacy_dir=legacy_dir, seed=seed, device=device,
-                         progress=not quiet, log=(lambda _: None) if quiet else click.echo)
+    settings = dict(dataset=dataset, data_path=data_path, model=model, num_experts=num_experts, epochs=epochs,
+                    lr=lr, batch_size=batch_size, momentum=momentum, dsa=dsa, zca=zca, **optional,
+                    waypoints=waypoints, smoothing=None if smoothing == "none" else smoothing,
+                    legacy_dir=legacy_dir, seed=seed, device=device, batch_experts=batch_experts,
+                    progress=not quiet,
+                    log=no_log if quiet else click.echo)
+    path = launch(train_experts, nproc, (out,), settings, device=device)
+    if path is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     click.echo(f"wrote {path}")
     if plot:
         click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force)}")

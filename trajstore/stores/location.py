@@ -149,7 +149,7 @@ class Location:
                 with zipfile.ZipFile(self.path) as zf:  # torch files are zips too
                     return "file" if ROOT_KEY in zf.namelist() else None
             return "file" if ZipFileStore(self.fs_path, fs=self.fs).exists(ROOT_KEY) else None
-        except (OSError, zipfile.BadZipFile, FormatError):
+        except Exception:  # a corrupt zip directory fails with many types (BadZipFile, ValueError, ...)
             return None
 
     def local(self, what: str) -> Path:

@@ -32,8 +32,11 @@ def kind_of(path: str | os.PathLike) -> str:
     if p.is_dir():
         return "ctraj" if (p / ROOT_META).is_file() else "legacy"
     if p.is_file() and zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as zf:  # torch files are zips too; a .ctraj has a root zarr.json
-            return "ctraj" if ROOT_META in zf.namelist() else "legacy"
+        try:
+            with zipfile.ZipFile(p) as zf:  # torch files are zips too; a .ctraj has a root zarr.json
+                return "ctraj" if ROOT_META in zf.namelist() else "legacy"
+        except Exception:  # a corrupt zip directory: the legacy reader refuses it with the reason
+            return "legacy"
     return "legacy"
 
 
