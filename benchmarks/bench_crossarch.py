@@ -1,7 +1,7 @@
 """Cross-architecture table of distilled sets (the papers' "cross-architecture generalization" table).
 
 Each set is evaluated on each network with the family's protocol (distill.evaluate, the set's own
-learned lr), one network family per worker process so a multi-core machine runs them side by side.
+learned lr), one (network, set) cell per worker process so a multi-core machine runs them side by side.
 
     python -m benchmarks.bench_crossarch --set MCT=trajstore-quickstart/mct/synset_final.safetensors
         --set MTT=trajstore-quickstart/mtt/synset_final.safetensors
@@ -25,8 +25,9 @@ from trajstore.distill.crossarch import CrossArchTable, cross_architecture, pars
 from trajstore.distill.evaluate import evaluate_file
 
 
-def _one_model(model: str, sets: dict[str, str], nets: int, epochs: int, seed: int) -> CrossArchTable:
-    torch.set_num_threads(1)  # one process per network: see distill.quickstart
+def _one_cell(model: str, sets: dict[str, str], nets: int, epochs: int, seed: int) -> CrossArchTable:
+    """One network on the given sets (one set per call when the work is spread over processes)."""
+    torch.set_num_threads(1)  # one process per cell: see distill.quickstart
     evaluators = {name: (lambda m, path=path: evaluate_file(path, model=m, num_nets=nets, epochs=epochs, seed=seed,
                                                            progress=False)) for name, path in sets.items()}
     return cross_architecture(evaluators, [model], log=lambda line: print(line, flush=True))
@@ -44,15 +45,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     sets = dict(item.split("=", 1) for item in args.set)
     models = parse_models(args.models)
+    cells: dict[str, dict] = {m: {} for m in models}
     if args.workers > 1:
-        # the biggest networks first, so the workers finish together
-        order = sorted(models, key=lambda m: -architectures.spec_for(m).num_params())
+        # one (network, set) cell per task, the biggest networks first, so the workers finish together
+        order = sorted(((m, name) for m in models for name in sets), key=lambda c: -architectures.spec_for(c[0]).num_params())
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = {m: pool.submit(_one_model, m, sets, args.nets, args.epochs, args.seed) for m in order}
-            parts = [futures[m].result() for m in models]
+            futures = {(m, name): pool.submit(_one_cell, m, {name: sets[name]}, args.nets, args.epochs, args.seed)
+                       for m, name in order}
+            for (m, name), future in futures.items():
+                cells[m][name] = future.result().cells[m][name]
     else:
-        parts = [_one_model(m, sets, args.nets, args.epochs, args.seed) for m in models]
-    table = CrossArchTable(tuple(sets), models, {m: part.cells[m] for m, part in zip(models, parts)},
+        for m in models:
+            cells[m] = dict(_one_cell(m, sets, args.nets, args.epochs, args.seed).cells[m])
+    cells = {m: {name: cells[m][name] for name in sets} for m in models}  # the sets' order in every row
+    table = CrossArchTable(tuple(sets), models, cells,
                            {"nets": args.nets, "epochs": args.epochs, "seed": args.seed, "sets": sets})
     print(table)
     out = Path(args.out)

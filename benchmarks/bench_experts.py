@@ -42,6 +42,11 @@ def main(argv=None):
     wall: dict[int, list[float]] = {k: [] for k in ks}
     cpu: dict[int, list[float]] = {k: [] for k in ks}
     with tempfile.TemporaryDirectory() as tmp:
+        # One untimed job of each K first: CUDA context, cuDNN plans and vmap's compiled paths would
+        # otherwise land on whichever K is timed first.
+        for k in ks:
+            train_experts(Path(tmp) / f"warmup-k{k}.ctraj", dataset=ds, model=args.model, num_experts=k, epochs=1,
+                          batch_experts=k, device=device, progress=False, log=lambda _: None)
         for r in range(args.rounds):
             for k in ks:
                 t0, c0 = time.perf_counter(), time.process_time()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-STRATEGY = "color_crop_cutout_flip_scale_rotate"
+from .defaults import DSA_STRATEGY as STRATEGY
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
 
 from . import distributed
-from .augment import STRATEGY, seeded_dsa, strategy_operations
+from .augment import seeded_dsa, strategy_operations
 from .batched import NetStack, stackable
 from .data import Dataset, load_dataset
+from .defaults import EXPERTS
 from .networks import build_spec, config_for
 from .synset import save_figure
 from .train import accuracy, derived_seed, train_epoch
@@ -39,15 +40,17 @@ from .train import accuracy, derived_seed, train_epoch
 TRAJECTORIES_PER_FILE = 10  # upstream buffer.py's save_interval
 
 
-def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = "digits",
-                  data_path: str | os.PathLike | None = None, model: str = "ConvNet", num_experts: int = 100,
-                  epochs: int = 50, lr: float = 0.01, batch_size: int = 256, momentum: float = 0.0,
-                  weight_decay: float = 0.0, dsa: bool = True, dsa_strategy: str = STRATEGY, zca: bool = False,
-                  waypoints: Sequence[int] = (), smoothing: str | None = None,
-                  legacy_dir: str | os.PathLike | None = None, seed: int = 0,
+def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.dataset,
+                  data_path: str | os.PathLike | None = None, model: str = EXPERTS.model,
+                  num_experts: int = EXPERTS.num_experts, epochs: int = EXPERTS.epochs, lr: float = EXPERTS.lr,
+                  batch_size: int = EXPERTS.batch_size, momentum: float = EXPERTS.momentum,
+                  weight_decay: float = EXPERTS.weight_decay, dsa: bool = EXPERTS.dsa,
+                  dsa_strategy: str = EXPERTS.dsa_strategy, zca: bool = EXPERTS.zca, waypoints: Sequence[int] = (),
+                  smoothing: str | None = None,
+                  legacy_dir: str | os.PathLike | None = None, seed: int = EXPERTS.seed,
                   device: str | torch.device | None = None, progress: bool = True,
-                  log: Callable[[str], object] = print, batch_experts: int = 1) -> Path:
-    """Train experts 0..num_experts-1 with SGD (the family's defaults) into the .ctraj `out`.
+                  log: Callable[[str], object] = print, batch_experts: int = EXPERTS.batch_experts) -> Path:
+    """Train experts 0..num_experts-1 with SGD into the .ctraj `out` (defaults: distill.defaults).
 
     Experts already complete in `out` are kept and skipped; the settings must match those the store
     was started with. dataset is a name for `load_dataset` (with data_path and zca) or an already

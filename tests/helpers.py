@@ -26,3 +26,22 @@ def write_store(path, trajs, layers=SMALL_LAYERS, **kwargs):
         for traj in trajs:
             w.write_expert(traj)
     return path
+
+
+def run_until_killed(code: str) -> None:
+    """Run `code` in a fresh interpreter (tests/ on its path) and expect it to die of SIGKILL, which the
+    code sends itself at a chosen point: no finally block, context manager or atexit hook runs, as in
+    a real crash or an OOM kill."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    tests = Path(__file__).resolve().parent
+    # the same intra-op thread count as this process: reductions, and so the last bits, depend on it
+    prelude = (f"import os, signal, sys\nsys.path.insert(0, {str(tests)!r})\n"
+               f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n")
+    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=tests.parent, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

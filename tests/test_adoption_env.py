@@ -62,12 +62,13 @@ print(json.dumps({"experts": len(store), "numel": flat.numel(), "acc": acc.mean,
     assert 0 <= out["acc"] <= 1 and out["hostile"] == [] and out["cwd_first"]
 
 
-def test_help_does_not_import_torch(tmp_path):
-    script = """
+@pytest.mark.parametrize("argv", [["--help"], ["experts", "--help"]])  # experts shows train_experts' defaults
+def test_help_does_not_import_torch(tmp_path, argv):
+    script = f"""
 import sys
 from trajstore.cli.main import cli
 try:
-    cli(["--help"], prog_name="trajstore")
+    cli({argv!r}, prog_name="trajstore")
 except SystemExit as exc:
     assert exc.code == 0
 heavy = [m for m in ("torch", "numpy", "zarr", "safetensors", "matplotlib", "tqdm") if m in sys.modules]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks import (bench_convergence, bench_convert, bench_interpolation, bench_matching_memory, bench_sampling,
-                        bench_sampling_ablation, bench_storage)
+from benchmarks import (bench_convergence, bench_convert, bench_interpolation, bench_matching_memory, bench_remote,
+                        bench_sampling, bench_sampling_ablation, bench_storage)
 
 
 def result(path):
@@ -81,6 +81,17 @@ def test_matching_memory(tmp_path):
     assert runs[("tesla", 2)]["loss"] == pytest.approx(runs[("plain", 2)]["loss"], rel=1e-4)
     for n in (1, 2):  # same numbers in both modes; only memory differs
         assert runs[("plain", n)]["loss"] == pytest.approx(runs[("constant", n)]["loss"], rel=1e-4)
+
+
+def test_remote(tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("TRAJSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    r = result(bench_remote.main(["--experts", "2", "--width", "4", "--timesteps", "6", "--waypoints", "2",
+                                  "--pairs", "5", "--max-start-epoch", "3", "--out", str(tmp_path / "r.json")]))
+    assert r["open"]["requests"] > 0 and r["mtt_loader"]["bytes"] >= r["mtt_file_bytes"]
+    # a cold run fetches each anchor once at most: never more than the whole store plus listings
+    assert 0 < r["anchors_fetched"] <= 2 * 3
+    assert r["open_and_pairs_cold"]["bytes"] <= r["store_bytes"] + r["open"]["bytes"]
 
 
 def test_upstream_loop(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import trajstore
+from spec_reader import trajectory_betas
 from trajstore.architectures.convnet import spec_for
 from trajstore.archive import pack
 from trajstore.tools.convert import convert
@@ -50,7 +51,7 @@ def test_anchors_are_the_source_timesteps_and_betas_follow_eq9(tmp_path, legacy_
             assert all(torch.equal(anchor[layer.name], t) for layer, t in zip(store.layers, traj[epoch]))
         assert expert.provenance["source"] == {"file": f"replay_buffer_{i // 2}.pt", "index": i % 2}
         np.testing.assert_allclose(expert.step_norms, norms(traj), rtol=1e-12)
-        np.testing.assert_allclose(expert.beta, trajstore.beta_from_norms(norms(traj), (0, 3, 10)), rtol=1e-12)
+        np.testing.assert_allclose(expert.beta, trajectory_betas(traj, (0, 3, 10)), rtol=1e-12)  # §5 by hand
 
 
 def test_mct_smoothing_single_file_and_overwrite(tmp_path, legacy_buffer):
@@ -112,19 +113,19 @@ def test_an_archive_converts_like_its_source(tmp_path, legacy_buffer):
 
 
 def test_mct_waypoint_store_keeps_its_waypoints(tmp_path, legacy_layers):
-    from test_legacy import mct_store
+    from test_legacy import mct_store, written_betas
     from helpers import random_walk
 
     trajs = [random_walk(legacy_layers, 11, seed=s) for s in range(2)]
-    mct_store(tmp_path / "ConvNet", trajs, (0, 3, 6, 10), "_ip4")
+    steps = mct_store(tmp_path / "ConvNet", trajs, (0, 3, 6, 10), "_ip4")
     convert(tmp_path / "ConvNet", tmp_path / "m.ctraj", progress=False)
     store = trajstore.open(tmp_path / "m.ctraj")
     assert store.anchor_epochs == (0, 3, 6, 10)
-    src = trajstore.legacy.open_buffer(tmp_path / "ConvNet")
     for i, traj in enumerate(trajs):
         for e in (0, 3, 6, 10):
             assert all(torch.equal(store.expert(i).anchor(e)[n.name], t) for n, t in zip(store.layers, traj[e]))
-        np.testing.assert_allclose(store.expert(i).beta, src.betas(i), atol=1e-5)
+        # the betas the MCT files hold (float32) for this expert, as the test wrote them
+        np.testing.assert_allclose(store.expert(i).beta, written_betas(steps[i]), atol=1e-5)
 
 
 MEMORY_PROBE = textwrap.dedent("""
@@ -167,7 +168,17 @@ def test_a_diverged_expert_is_refused_naming_its_source(tmp_path, legacy_buffer)
     assert not (tmp_path / "x.ctraj").exists()
 
 
-def test_conversion_runs_single_threaded_and_restores_the_thread_count(tmp_path, legacy_buffer):
+def test_conversion_runs_single_threaded_and_restores_the_thread_count(tmp_path, legacy_buffer, monkeypatch):
+    from trajstore.format import anchorfile
+
+    seen = []
+    encode = anchorfile.encode
+
+    def spy(*args, **kwargs):  # the thread count while the converter writes each anchor
+        seen.append(torch.get_num_threads())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(anchorfile, "encode", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -175,3 +186,4 @@ def test_conversion_runs_single_threaded_and_restores_the_thread_count(tmp_path,
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert seen and set(seen) == {1}

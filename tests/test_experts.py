@@ -6,6 +6,8 @@ import torch
 from click.testing import CliRunner
 
 import trajstore
+from helpers import run_until_killed
+from spec_reader import trajectory_betas
 from trajstore.cli.main import cli
 from trajstore.distill.data import load_dataset
 from trajstore.distill.experts import plot_accuracy, train_experts
@@ -75,7 +77,7 @@ def test_twin_is_the_same_runs_without_aliasing(run):
         norms = np.array([[torch.linalg.vector_norm(x.double() - y.double()).item() for x, y in zip(b, a)]
                           for a, b in zip(traj, traj[1:])])
         assert (expert.step_norms == norms).all()
-        assert (expert.beta == trajstore.beta_from_norms(norms, store.anchor_epochs)).all()
+        np.testing.assert_allclose(expert.beta, trajectory_betas(traj, store.anchor_epochs), rtol=1e-12)
 
 
 def test_twin_converts_to_bit_identical_anchors_and_equal_betas(run, tmp_path):
@@ -103,12 +105,16 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, d
     full, full_legacy, _ = run
     out, legacy = tmp_path / "r.ctraj", tmp_path / "legacy"
 
-    def interrupt(line):
-        if line.startswith("expert 1 epoch 2"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_experts(out, dataset=data, num_experts=2, legacy_dir=legacy, log=interrupt, **TINY)
+    run_until_killed(f"""
+from test_experts import TINY
+from trajstore.distill.data import load_dataset
+from trajstore.distill.experts import train_experts
+def die(line):
+    if line.startswith("expert 1 epoch 2"):
+        os.kill(os.getpid(), signal.SIGKILL)
+train_experts({str(out)!r}, dataset=load_dataset("digits", im_size=(16, 16)).subset(200), num_experts=2,
+              legacy_dir={str(legacy)!r}, log=die, **TINY)
+""")
     with pytest.raises(FormatError, match="unfinished"):
         trajstore.open(out)
     assert len(load_twin(legacy)) == 1
@@ -165,3 +171,41 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path):
     assert bad.exit_code == 1 and "unknown device 'tpu'" in bad.output
     bad = runner.invoke(cli, ["experts", str(tmp_path / "x"), "--waypoints", "6,x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output
+
+
+def test_cli_passes_on_only_the_options_given_so_train_experts_decides_the_rest(tmp_path, monkeypatch):
+    import trajstore.distill.experts as experts_module
+
+    calls = []
+    monkeypatch.setattr(experts_module, "train_experts", lambda out, **kw: calls.append(kw) or out)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["experts", str(tmp_path / "a"), "--quiet"]).exit_code == 0
+    assert set(calls[-1]) == {"waypoints", "progress", "log"} and calls[-1]["waypoints"] == ()
+    assert runner.invoke(cli, ["experts", str(tmp_path / "a"), "--smoothing", "none", "--quiet"]).exit_code == 0
+    assert "smoothing" not in calls[-1]  # "none" spelled out is the default: no smoothing
+    assert runner.invoke(cli, ["experts", str(tmp_path / "a"), "--smoothing", "binomial", "--quiet"]).exit_code == 0
+    assert calls[-1]["smoothing"] == "binomial"
+    r = runner.invoke(cli, ["experts", str(tmp_path / "a"), "--train_epochs", "3", "--lr_teacher", "0.05",
+                            "--no-zca", "--dsa", "False", "--seed", "7", "--quiet"])
+    assert r.exit_code == 0, r.output
+    given = {k: v for k, v in calls[-1].items() if k not in ("waypoints", "progress", "log")}
+    assert given == {"epochs": 3, "lr": 0.05, "zca": False, "dsa": False, "seed": 7}
+    # upstream's --buffer_path composes the buffer folder from the defaults it was not given (buffer.py's layout)
+    r = runner.invoke(cli, ["experts", str(tmp_path / "a"), "--buffer_path", str(tmp_path / "b"), "--dataset",
+                            "CIFAR10", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert calls[-1]["legacy_dir"] == str(tmp_path / "b" / "CIFAR10_NO_ZCA" / "ConvNet")  # zca False, ConvNet
+
+
+def test_cli_help_shows_train_experts_own_defaults():
+    import inspect
+
+    signature = inspect.signature(train_experts).parameters
+    text = " ".join(CliRunner().invoke(cli, ["experts", "--help"]).output.split())  # unwrapped
+    for name in ("dataset", "model", "num_experts", "epochs", "lr", "batch_size", "momentum", "weight_decay",
+                 "dsa_strategy", "seed"):
+        option = "--" + name.replace("_", "-")
+        help_of = text[text.index(option + " "):].split(" --", 1)[0]
+        assert f"[default: {signature[name].default}]" in help_of, (option, help_of)
+    assert "[default: --no-zca]" in text and "[default: --dsa]" in text  # train_experts: zca=False, dsa=True
+    assert signature["zca"].default is False and signature["dsa"].default is True

@@ -211,3 +211,112 @@ def test_flat_into_preallocated_out(store):
     assert torch.equal(buf, e.at(6.6, flat=True))
     with pytest.raises(trajstore.TrajstoreError, match="out must be"):
         e.at(1, flat=True, out=torch.empty(3))
+
+
+# -- §1 expert enumeration ---------------------------------------------------------------------------
+
+def test_experts_are_enumerated_by_id_ignoring_hidden_and_other_entries(tmp_path):
+    from spec_reader import SpecStore
+
+    # written out of order, with gaps, and with a 7-digit id that sorts before 200000 as a string
+    trajs = {5: random_walk(seed=5), 1_000_000: random_walk(seed=1), 2: random_walk(seed=2), 200_000: random_walk(seed=3)}
+    path = tmp_path / "ids.ctraj"
+    with trajstore.create(path, SMALL_LAYERS, 11, waypoints=(4,)) as w:
+        for expert_id, traj in trajs.items():
+            w.write_expert(traj, index=expert_id)
+    experts = path / "experts"
+    for junk in (".tmp-000003-1a2b3c4d", "notes", "000004"):  # a writer's leftover, a non-digit name, no zarr.json
+        (experts / junk).mkdir()
+    (experts / ".tmp-000003-1a2b3c4d" / "zarr.json").write_text("{}")
+    (experts / "notes" / "zarr.json").write_text("{}")
+    (experts / "README").write_text("not an expert")
+    r = trajstore.open(path)
+    ids = [2, 5, 200_000, 1_000_000]
+    assert (experts / "1000000").is_dir() and (experts / "200000").is_dir()
+    assert r.expert_ids == ids and len(r) == 4 and SpecStore(path).ids == ids
+    for position, expert_id in enumerate(ids):  # the position is the index in id order
+        e = r.expert(position)
+        assert (e.position, e.id) == (position, expert_id)
+        assert all(torch.equal(e.anchor(4)[n], t) for (n, _), t in zip(SMALL_LAYERS, trajs[expert_id][4]))
+    r.verify()
+
+
+# -- reading onto a device and dtype; the anchor cache -----------------------------------------------
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, None])
+def test_reading_onto_a_device_and_dtype(store, device, dtype):
+    from spec_reader import SpecStore, to_bits
+
+    path, trajs = store
+    e = trajstore.open(path).expert(2)
+    spec = SpecStore(path)
+    name = {torch.float64: "F64", torch.float16: "F16", None: "F32"}[dtype]
+    want_dtype = dtype or torch.float32
+    for c in (0.0, 2.6, 3.0, 8.25, 10.0):
+        want = np.concatenate([to_bits(x, name).reshape(-1) for x in spec.theta(2, c, name)])
+        flat = e.at(c, flat=True, device=device, dtype=dtype)
+        assert flat.device.type == device and flat.dtype == want_dtype
+        width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()]
+        assert np.array_equal(flat.cpu().view(width).numpy().view(want.dtype), want), c
+        layers = e.at(c, device=device, dtype=dtype)
+        assert all(t.device.type == device and t.dtype == want_dtype for t in layers.values())
+        out = torch.empty(e._s.num_params, device=device, dtype=want_dtype)
+        assert e.at(c, flat=True, device=device, dtype=dtype, out=out) is out and torch.equal(out, flat)
+    anchor = e.anchor(7, device=device, dtype=dtype)
+    for (n, _), t in zip(SMALL_LAYERS, trajs[2][7]):
+        assert anchor[n].device.type == device and torch.equal(anchor[n].cpu(), t.to(want_dtype))
+    start, target = e.window(1.5, 2, flat=True, device=device, dtype=dtype)
+    assert start.device.type == target.device.type == device and torch.equal(target, e.at(3.5, flat=True,
+                                                                                              device=device, dtype=dtype))
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts anchor files decoded: every read that the cache did not serve."""
+    from trajstore.format import anchorfile
+
+    calls = []
+    real = anchorfile.decode
+    monkeypatch.setattr(anchorfile, "decode", lambda buf, layers, where: calls.append(str(where)) or real(buf, layers, where))
+    return calls
+
+
+def test_cache_serves_repeated_reads_and_keys_by_expert_epoch_device_dtype(store, decodes):
+    path, trajs = store
+    r = trajstore.open(path)
+    e0, e1 = r.expert(0), r.expert(1)
+    first = e0.at(5.5, flat=True)
+    assert len(decodes) == 2  # anchors 3 and 7
+    assert torch.equal(e0.at(5.5, flat=True), first) and len(decodes) == 2
+    # the same epochs of another expert, and the same anchors in another dtype, are other entries
+    assert torch.equal(e1.anchor(3)["fc.bias"], trajs[1][3][3]) and len(decodes) == 3
+    as64 = e0.at(5.5, flat=True, dtype=torch.float64)
+    assert as64.dtype == torch.float64 and len(decodes) == 5
+    torch.testing.assert_close(as64.float(), first, rtol=1e-6, atol=1e-6)
+    assert torch.equal(e0.anchor(3)["fc.bias"], trajs[0][3][3]) and len(decodes) == 5
+
+
+def test_cache_evicts_least_recently_used_beyond_cache_bytes(store, decodes):
+    path, trajs = store
+    plain = trajstore.open(path).expert(0)
+    want = {c: plain.at(c, flat=True).clone() for c in (1.5, 5.5)}
+    one = plain._s.num_params * 4  # one float32 anchor
+    r = trajstore.open(path, cache_bytes=2 * one)
+    e = r.expert(0)
+    decodes.clear()
+    assert torch.equal(e.at(1.5, flat=True), want[1.5]) and len(decodes) == 2  # anchors 0, 3
+    assert torch.equal(e.anchor(0)["fc.bias"], trajs[0][0][3]) and len(decodes) == 2  # a hit: 0 is the newest
+    assert torch.equal(e.anchor(7)["fc.bias"], trajs[0][7][3]) and len(decodes) == 3  # evicts 3, not 0
+    assert torch.equal(e.anchor(0)["fc.bias"], trajs[0][0][3]) and len(decodes) == 3
+    assert torch.equal(e.at(5.5, flat=True), want[5.5]) and len(decodes) == 5  # 3 again (evicting 7), then 7
+    assert r._cached <= 2 * one
+    tiny = trajstore.open(path, cache_bytes=0)  # keeps only the newest entry, and stays correct
+    decodes.clear()
+    for _ in range(2):
+        assert torch.equal(tiny.expert(0).at(1.5, flat=True), want[1.5])
+    assert len(decodes) == 4

@@ -1,5 +1,7 @@
 """The ConvNet family: upstream parameter order and module names, variants, and the functional form."""
 
+import copy
+
 import pytest
 import torch
 
@@ -82,7 +84,8 @@ def test_config_round_trip_and_unknown_models():
         assert isinstance(info.value, TrajstoreError)
 
 
-@pytest.mark.parametrize("variant", [{}, {"norm": "none"}, {"norm": "layernorm"}, {"activation": "sigmoid"},
+@pytest.mark.parametrize("variant", [{}, {"norm": "none"}, {"norm": "layernorm"}, {"norm": "batchnorm"},
+                                     {"activation": "sigmoid"},
                                      {"pooling": "maxpooling", "depth": 2}])
 def test_functional_network_equals_module_network(variant):
     torch.manual_seed(0)
@@ -92,13 +95,16 @@ def test_functional_network_equals_module_network(variant):
     flat = flat_parameters(net)
     assert flat.numel() == fnet.num_params == sum(p.numel() for p in net.parameters())
     torch.testing.assert_close(fnet(flat, x), net(x), rtol=0, atol=1e-12)
-    # another point in parameter space: the functional net runs it, the module's own weights stay put
+    # another point in parameter space: the functional net runs it, the module's own state stays put
     moved = flat + 0.01 * torch.randn_like(flat)
-    before = flat_parameters(net).clone()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     out = fnet(moved, x)
-    torch.nn.utils.vector_to_parameters(moved, net.parameters())
-    torch.testing.assert_close(out, net(x), rtol=0, atol=1e-12)
-    assert not torch.equal(before, flat_parameters(net))
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    reference = copy.deepcopy(net)  # the same network with the moved weights loaded the ordinary way
+    torch.nn.utils.vector_to_parameters(moved, reference.parameters())
+    assert not torch.equal(flat_parameters(reference), flat_parameters(net))
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-12)
 
 
 def test_functional_network_is_differentiable_in_the_flat_vector():

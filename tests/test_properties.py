@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import spec_reader
 import trajstore
 from trajstore.format.beta import piece_weights
 
@@ -61,13 +62,16 @@ def test_round_trip_and_interpolation(tmp_path_factory, layout, seed, frac):
     for epoch in e.anchor_epochs:
         assert all(torch.equal(e.anchor(epoch)[n], traj[epoch][i]) for i, (n, _) in enumerate(layers))
         assert all(torch.equal(e.at(epoch)[n], traj[epoch][i]) for i, (n, _) in enumerate(layers))
-    c = frac * (T - 1)
-    piece, w = piece_weights(e.beta, e.anchor_epochs, c)
-    a, b = e.anchor_epochs[piece], e.anchor_epochs[piece + 1]
-    point = e.at(c)
-    for i, (n, _) in enumerate(layers):
-        want = (1 - w[i]) * traj[a][i].double() + w[i] * traj[b][i].double()
-        torch.testing.assert_close(point[n].double(), want, rtol=1e-5, atol=1e-5)
+    # the reference: §5 betas from the trajectory and §7 in numpy (tests/spec_reader.py), nothing of trajstore
+    beta = spec_reader.trajectory_betas(traj, e.anchor_epochs)
+    epochs = list(e.anchor_epochs)
+    for c in [frac * (T - 1), *(b - 0.5 for b in epochs[1:])]:  # and the last half step of every piece
+        piece, w = spec_reader.weights(beta, epochs, c)
+        a, b = epochs[piece], epochs[piece + 1]
+        point = e.at(c)
+        for i, (n, _) in enumerate(layers):
+            want = spec_reader.lerp(traj[a][i].numpy(), traj[b][i].numpy(), float(w[i]), "F32")
+            np.testing.assert_allclose(point[n].numpy(), want, rtol=1e-6, atol=1e-7)
         lo = torch.minimum(traj[a][i], traj[b][i]) - 1e-5
         hi = torch.maximum(traj[a][i], traj[b][i]) + 1e-5
         assert bool(((point[n] >= lo) & (point[n] <= hi)).all())  # convex: between the two anchors

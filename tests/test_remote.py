@@ -1,41 +1,325 @@
-"""Stores at fsspec URLs: the same .ctraj read and written on memory://, file:// and a real S3 API."""
+"""Stores at fsspec URLs: the same .ctraj read and written on a real S3 API (moto's server on
+127.0.0.1), on memory:// and on a local file:// URL."""
 
 from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
 
 import fsspec
 import pytest
 import torch
+from click.testing import CliRunner
 
 import trajstore
 from helpers import SMALL_LAYERS, random_walk, write_store
+from trajstore.cli.main import cli
 from trajstore.stores.location import locate, open_store, parse_storage_options
+from trajstore.stores.remote import FsspecStore
+from trajstore.tools.convert import open_source
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = str(Path(__file__).parent)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free 127.0.0.1 port, once per session, with a bucket for the tests."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:  # dummy credentials, inherited by subprocess writers
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="trajstore-tests")
+        yield endpoint
+        server.stop()
+
+
+class Backend:
+    def __init__(self, name: str, root: str, options: dict, fs, multiprocess: bool):
+        self.name, self.root, self.options, self.fs, self.multiprocess = name, root, options, fs, multiprocess
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def path(self, name: str) -> str:
+        """The fsspec path of a store (for changing its bytes behind trajstore's back)."""
+        loc = locate(self.url(name), self.options)
+        return str(loc.path) if loc.path is not None else loc.fs_path
+
+    @property
+    def cli_options(self) -> list[str]:
+        return [f"--storage-option={k}={v}" for k, v in self.options.items()]
+
+
+@pytest.fixture(params=["s3", "memory", "file"])
+def backend(request, tmp_path, monkeypatch):
     monkeypatch.setenv("TRAJSTORE_CACHE_DIR", str(tmp_path / "anchor-cache"))
+    run = uuid.uuid4().hex[:8]
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_server")
+        options = {"endpoint_url": endpoint}
+        yield Backend("s3", f"s3://trajstore-tests/{run}", options, fsspec.filesystem("s3", **options), True)
+    elif request.param == "memory":
+        fs = fsspec.filesystem("memory")
+        yield Backend("memory", f"memory://{run}", {}, fs, False)
+        if fs.exists(f"/{run}"):
+            fs.rm(f"/{run}", recursive=True)
+    else:
+        yield Backend("file", f"file://{tmp_path}/{run}", {}, fsspec.filesystem("file"), False)
 
 
 @pytest.fixture
-def memory_url(request):
-    root = f"memory://t-{request.node.name}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root[len("memory:/"):]):
-        fs.rm(root[len("memory:/"):], recursive=True)
+def run():
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, [str(a) for a in args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
 
 
-def test_memory_round_trip_matches_local(tmp_path, memory_url):
+def test_convert_open_sample_inspect_verify(backend, legacy_buffer, tmp_path, run):
+    directory, trajs = legacy_buffer
+    url = backend.url("experts.ctraj")
+    out = run("convert", directory, url, "--waypoints", "3,6", "--quiet", *backend.cli_options).output
+    assert "5 experts x 11 timesteps" in out
+    local = tmp_path / "local.ctraj"
+    run("convert", directory, local, "--waypoints", "3,6", "--quiet")
+    remote, near = trajstore.open(url, storage_options=backend.options), trajstore.open(local)
+    assert (remote.num_experts, remote.anchor_epochs) == (5, (0, 3, 6, 10))
+    assert remote.nbytes == near.nbytes
+    for i in range(5):  # each anchor is the legacy timestep itself, bit for bit
+        assert torch.equal(remote.expert(i).anchor(6)["classifier.bias"], trajs[i][6][-1])
+        for c, m in ((0.0, 2.0), (2.75, 3.5), (9.5, 1.0)):
+            for a, b in zip(remote.expert(i).window(c, m, flat=True), near.expert(i).window(c, m, flat=True)):
+                assert torch.equal(a, b)
+    info = json.loads(run("inspect", url, "--json", *backend.cli_options).output)
+    assert (info["kind"], info["num_experts"], info["bytes"]) == ("ctraj", 5, near.nbytes)
+    assert "OK:" in run("verify", url, *backend.cli_options).output
+    again = run("convert", directory, url, "--quiet", *backend.cli_options, ok=False)
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_verify_on_a_remote_store_checks_every_checksum(backend, run):
+    url = backend.url("v.ctraj")
+    write_store(url, [random_walk(seed=s) for s in range(2)], waypoints=(4,), storage_options=backend.options)
+    assert "OK:" in run("verify", url, *backend.cli_options).output
+    chunk = f"{backend.path('v.ctraj')}/experts/000001/step_norms/c/0/0"  # never read by sampling
+    data = bytearray(backend.fs.cat_file(chunk))
+    data[-1] ^= 0x01
+    backend.fs.pipe_file(chunk, bytes(data))
+    bad = run("verify", url, *backend.cli_options, ok=False)
+    assert bad.exit_code == 1 and "sha256 mismatch" in bad.output and "000001/step_norms/c/0/0" in bad.output
+    assert "Traceback" not in bad.output
+
+
+class Counting(FsspecStore):
+    """Records every key read, to check what the reader fetches."""
+
+    reads: list
+
+    def read_bytes(self, key):
+        self.reads.append(key)
+        return super().read_bytes(key)
+
+    def read_range(self, key, start, end):
+        self.reads.append(key)
+        return super().read_range(key, start, end)
+
+
+def test_reading_is_lazy_and_anchors_come_from_a_verified_disk_cache(backend, tmp_path, monkeypatch):
+    if backend.name == "file":
+        pytest.skip("file:// is a local path: memory-mapped, nothing to fetch")
+    url = backend.url("lazy.ctraj")
     trajs = [random_walk(seed=s) for s in range(3)]
-    local = trajstore.open(write_store(tmp_path / "l.ctraj", trajs, waypoints=(4,)))
-    remote = trajstore.open(write_store(f"{memory_url}/r.ctraj", trajs, waypoints=(4,)))
-    assert remote.num_experts == 3 and remote.expert_ids == [0, 1, 2]
-    for i in range(3):
-        assert torch.equal(remote.expert(i).anchor(4)["fc.weight"], trajs[i][4][2])
-        for c in (0.0, 2.5, 7.25, 10.0):
-            a, b = local.expert(i).at(c, flat=True), remote.expert(i).at(c, flat=True)
-            assert torch.equal(a, b)
-    remote.verify()
+    write_store(url, trajs, waypoints=(4,), storage_options=backend.options)
+    reads: list = []
+    monkeypatch.setattr(Counting, "reads", reads, raising=False)
+    monkeypatch.setattr("trajstore.stores.location.FsspecStore", Counting, raising=False)
+    import trajstore.stores.remote as remote
+
+    monkeypatch.setattr(remote, "FsspecStore", Counting)
+    cache = tmp_path / "cache"
+    store = trajstore.open(url, storage_options=backend.options, cache_dir=cache)
+    assert reads == ["zarr.json"]  # opening reads the metadata only
+    start, target = store.expert(1).window(1.5, 2.0, flat=True)  # both in piece [0, 4]
+    d = "experts/000001"
+    assert sorted(reads[1:]) == sorted([f"{d}/zarr.json", f"{d}/beta/zarr.json", f"{d}/beta/c/0/0",
+                                        f"{d}/anchor_0000.safetensors", f"{d}/anchor_0004.safetensors"])
+    want = torch.cat([t.reshape(-1) for t in trajs[1][0]]).lerp(torch.cat([t.reshape(-1) for t in trajs[1][4]]),
+                                                                 0.0)  # shape reference
+    assert start.shape == want.shape
+    reads.clear()
+    store.expert(1).window(2.5, 1.0, flat=True)
+    assert reads == []  # the expert's arrays and anchors are held
+    again = trajstore.open(url, storage_options=backend.options, cache_dir=cache)
+    reads.clear()
+    a, b = again.expert(1).window(1.5, 2.0, flat=True)
+    assert not any("anchor" in k for k in reads)  # from the disk cache
+    assert torch.equal(a, start) and torch.equal(b, target)
+    # a damaged cache entry is noticed (sha256 against the manifest) and fetched again
+    entry = next(p for p in cache.glob("??/*"))
+    entry.write_bytes(b"\0" * entry.stat().st_size)
+    third = trajstore.open(url, storage_options=backend.options, cache_dir=cache)
+    reads.clear()
+    for e in range(3):
+        for c in (0.0, 4.0, 10.0):
+            torch.testing.assert_close(third.expert(e).at(c, flat=True),
+                                       torch.cat([t.reshape(-1) for t in trajs[e][int(c)]]), rtol=0, atol=0)
+    assert sum("anchor" in k for k in reads) == 3 * 3 - 2 + 1  # all but the two cached, and the damaged one
+
+
+def test_disk_cache_is_bounded(backend, tmp_path):
+    if backend.name == "file":
+        pytest.skip("file:// is a local path: no cache")
+    url = backend.url("bounded.ctraj")
+    write_store(url, [random_walk(seed=s) for s in range(3)], waypoints=(4,), storage_options=backend.options)
+    files = open_store(url, backend.options)
+    limit = 3 * files.size("experts/000000/anchor_0000.safetensors")
+    cache = tmp_path / "small"
+    store = trajstore.open(url, storage_options=backend.options, cache_dir=cache, disk_cache_bytes=limit)
+    used = []
+    for e in range(3):
+        for c in (0.0, 4.0, 10.0):
+            store.expert(e).at(c)
+            used.append(store.expert(e)._manifest()[f"anchor_{int(c):04d}.safetensors"])
+    held = {p.name: p.stat().st_size for p in cache.glob("??/*")}
+    assert sum(held.values()) <= limit and len(held) >= 2
+    assert used[-1] in held and used[0] not in held  # the least recently used went first
+
+
+WRITE_RANK = textwrap.dedent("""
+    import json, sys, trajstore
+    sys.path.insert(0, {tests!r})
+    from helpers import SMALL_LAYERS, random_walk
+    rank, url, options = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    with trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, storage_options=options) as w:
+        for i in range(3):
+            w.write_expert(random_walk(seed=10 * rank + i), index=3 * rank + i)
+""")
+
+
+def test_concurrent_writers_share_one_store(backend):
+    """Three writers add experts to one store at once: on S3 two other processes and a thread here
+    (the local form's processes are tested in test_writer.py); elsewhere three threads."""
+    url = backend.url("shared.ctraj")
+    errors = []
+
+    def write(rank):
+        try:
+            with trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True,
+                                  storage_options=backend.options) as w:
+                for i in range(3):
+                    w.write_expert(random_walk(seed=10 * rank + i), index=3 * rank + i)
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    procs = []
+    if backend.multiprocess:
+        code = WRITE_RANK.format(tests=TESTS)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), url, json.dumps(backend.options)],
+                                  cwd=REPO) for rank in (1, 2)]
+    threads = [threading.Thread(target=write, args=(rank,)) for rank in ([0] if procs else [0, 1, 2])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [p.wait() for p in procs] == [0] * len(procs) and errors == []
+    store = trajstore.open(url, storage_options=backend.options)
+    assert store.expert_ids == list(range(9))
+    store.verify()
+    want = random_walk(seed=21)  # rank 2, i = 1 -> expert 7
+    assert torch.equal(store.expert(7).anchor(4)["conv.weight"], want[4][0])
+    with pytest.raises(trajstore.ExistsError, match="expert 7 already exists"):
+        with trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True,
+                              storage_options=backend.options) as w:
+            w.write_expert(random_walk(seed=99), index=7)
+
+
+WRITE_FOREVER = textwrap.dedent("""
+    import json, sys, trajstore
+    sys.path.insert(0, {tests!r})
+    from helpers import SMALL_LAYERS, random_walk
+    url, options = sys.argv[1], json.loads(sys.argv[2])
+    traj = random_walk(num_timesteps=11)
+    with trajstore.create(url, SMALL_LAYERS, 11, storage_options=options) as w:
+        w.write_expert(traj)
+        print("first expert written", flush=True)
+        while True:
+            w.write_expert(traj)
+""")
+
+
+def test_interrupted_write_leaves_nothing_that_opens(backend):
+    """A writer killed mid-expert (a real SIGKILL on S3; the local form's is in test_writer.py)."""
+    url = backend.url("killed.ctraj")
+    if backend.name == "s3":
+        code = WRITE_FOREVER.format(tests=TESTS)
+        proc = subprocess.Popen([sys.executable, "-c", code, url, json.dumps(backend.options)],
+                                stdout=subprocess.PIPE, cwd=REPO)
+        assert proc.stdout.readline().strip() == b"first expert written"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    else:  # what a killed writer leaves: an unfinished root, an expert's files without their manifest
+        w = trajstore.create(url, SMALL_LAYERS, 11, storage_options=backend.options)
+        w.write_expert(random_walk())
+        w._store.write_bytes("experts/000001/anchor_0000.safetensors", b"half an expert")
+    with pytest.raises(trajstore.FormatError, match="unfinished write"):
+        trajstore.open(url, storage_options=backend.options)
+    with trajstore.create(url, SMALL_LAYERS, 11, append=True, storage_options=backend.options) as w:
+        done = w.existing_experts()
+        assert done[0] == 0
+    store = trajstore.open(url, storage_options=backend.options)  # finished experts survive, each whole
+    assert store.num_experts == len(done)
+    store.verify()
+
+
+def test_single_file_form_at_a_url(backend):
+    url = backend.url("one.ctraj")
+    trajs = [random_walk(seed=s) for s in range(2)]
+    write_store(url, trajs, waypoints=(4,), single_file=True, storage_options=backend.options)
+    store = trajstore.open(url, storage_options=backend.options)
+    assert type(store._store).__name__ == "ZipFileStore"
+    assert torch.equal(store.expert(1).anchor(4)["fc.bias"], trajs[1][4][3])
+    store.verify()
+    with pytest.raises(trajstore.ExistsError):
+        write_store(url, trajs, single_file=True, storage_options=backend.options)
+
+
+def test_pack_unpack_at_a_url(backend, legacy_buffer, tmp_path, run):
+    directory, trajs = legacy_buffer
+    url = backend.url("full.zarr")
+    if backend.name != "file":  # archives are read and written on local paths only (file:// is one)
+        refused = run("pack", directory, url, "--quiet", *backend.cli_options, ok=False)
+        assert refused.exit_code == 1 and "local paths" in refused.output and "Traceback" not in refused.output
+        return
+    run("pack", directory, url, "--quiet", *backend.cli_options)
+    assert "archive" in run("verify", url, *backend.cli_options).output
+    run("unpack", url, tmp_path / "back", "--per-file", "5", "--quiet", *backend.cli_options)
+    restored = torch.load(tmp_path / "back" / "replay_buffer_0.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(restored[3][7], trajs[3][7]))
 
 
 def test_parse_storage_options():
@@ -45,7 +329,29 @@ def test_parse_storage_options():
         parse_storage_options(["novalue"])
 
 
-def test_file_url_is_the_local_path(tmp_path):
+def test_what_a_target_is(tmp_path, legacy_buffer):
+    directory, _ = legacy_buffer
+    assert locate(directory).kind == "legacy"
+    assert locate(tmp_path / "nothing").kind == "missing"
     loc = locate(f"file://{tmp_path}/x.ctraj")
     assert not loc.remote and loc.path == tmp_path / "x.ctraj"
-    assert type(open_store(loc, mode="w")).__name__ == "DirectoryStore"
+    assert locate("memory://somewhere/x.ctraj").remote
+    with pytest.raises(trajstore.TrajstoreError, match="local files only"):
+        open_source("memory://nowhere/buffers")
+
+
+def test_https_is_read_only():
+    store = open_store("https://example.invalid/x.ctraj", mode="w")
+    with pytest.raises(trajstore.TrajstoreError, match="can only be read"):
+        store.write_bytes("zarr.json", b"{}")
+
+
+def test_bad_urls_are_one_clear_error(run):
+    with pytest.raises(trajstore.FormatError, match="no such .ctraj"):
+        trajstore.open("memory://nothing-here/x.ctraj")
+    with pytest.raises(trajstore.TrajstoreError, match="cannot open this URL"):
+        trajstore.open("nosuchprotocol://bucket/x.ctraj")
+    bad = run("inspect", "memory://nothing-here/x.ctraj", ok=False)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output and "memory://nothing-here/x.ctraj" in bad.output
+    bad = run("convert", "memory://nothing-here/buffers", "memory://out/x.ctraj", ok=False)
+    assert bad.exit_code == 1 and "local files only" in bad.output

@@ -16,6 +16,7 @@ from trajstore.distill.presets import PRESETS, get_preset
 from trajstore.distill.run import DistillConfig, distill
 from trajstore.distill.synset import load_synset
 from trajstore import ExistsError, TrajstoreError
+from helpers import run_until_killed
 
 MODEL = "ConvNetW8"
 # Tiny but real: digits at 8x8, 4 epochs per expert, a few 2-step iterations, 2-epoch evaluations.
@@ -50,23 +51,25 @@ def uninterrupted(experts, tmp_path_factory):
     return distill(tiny(experts[0]), out, progress=False, log=lambda _: None)
 
 
-def test_a_killed_run_resumes_to_the_same_result(experts, uninterrupted, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_to_the_same_result(experts, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    real_step = run_module.Matcher.step
-    calls = []
-
-    def dying_step(self):
-        if len(calls) == 5:  # iterations 0-4 done; last checkpoint at 4, so iteration 4 is redone
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_step(self)
-
-    monkeypatch.setattr(run_module.Matcher, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny(experts[0]), out, progress=False, log=lambda _: None)
+    # iterations 0-4 done; last checkpoint at 4, so iteration 4 is redone
+    run_until_killed(f"""
+import trajstore.distill.run as run_module
+from test_run import tiny
+real_step, calls = run_module.Matcher.step, []
+def dying_step(self):
+    if len(calls) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(1)
+    return real_step(self)
+run_module.Matcher.step = dying_step
+run_module.distill(tiny({str(experts[0])!r}), {str(out)!r}, progress=False, log=lambda _: None)
+""")
     assert not (out / "result.json").exists()
-    assert len(records(out, "step")) == 5  # the metrics hold an iteration the checkpoint does not
-    monkeypatch.setattr(run_module.Matcher, "step", real_step)
+    assert len(records(out, "step")) == 4  # iterations 0-3 reached the disk with the checkpoint; 4 died buffered
+    with open(out / "metrics.jsonl", "ab") as f:  # and a record torn by the kill mid-write
+        f.write(b'{"kind": "step", "iteration": 4, "lo')
 
     lines = []
     resumed = distill(tiny(experts[0]), out, progress=False, log=lines.append)

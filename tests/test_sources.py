@@ -123,6 +123,30 @@ def test_legacy_source_reads_only_start_and_target():
     assert starts == {0, 1, 2, 3, 4}  # randint(0, max_start_epoch): upstream excludes the bound
 
 
+def test_legacy_source_on_a_real_buffer_loads_one_file_per_sample(legacy_buffer, monkeypatch):
+    """The real reader behind the source: files saved by torch.save, read back by trajstore.legacy. A
+    sample needs one trajectory, so it loads at most one file, and only when the expert lives elsewhere."""
+    from trajstore.legacy import loading, open_buffer
+
+    directory, trajs = legacy_buffer  # 5 experts, 2 per file
+    buf = open_buffer(directory)
+    loads = []
+    real_load = loading.load
+    monkeypatch.setattr(loading, "load", lambda path, **kw: loads.append(path.name) or real_load(path, **kw))
+    monkeypatch.setattr(buf, "trajectory", lambda i: pytest.fail("the source read a whole trajectory"))
+    src = LegacySource(buf)
+    rng = np.random.default_rng(5)
+    current = "replay_buffer_0.pt"  # open_buffer keeps the first file loaded
+    for _ in range(30):
+        before = len(loads)
+        start, target, info = src.sample(rng, 8, 2)
+        s, f = int(info.start), f"replay_buffer_{info.expert // 2}.pt"
+        assert loads[before:] == ([] if f == current else [f])
+        current = f
+        assert torch.equal(start, _flat(trajs[info.expert][s])) and torch.equal(target, _flat(trajs[info.expert][s + 2]))
+    assert len(set(loads)) == 3
+
+
 @pytest.mark.parametrize("max_start, m", [(5, 2.5), (0, 3), (9, 3), (5, 0)])
 def test_legacy_source_refuses_bad_windows(max_start, m):
     with pytest.raises(OutOfRangeError, match="replay_buffer_0.pt"):

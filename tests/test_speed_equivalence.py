@@ -5,13 +5,14 @@ import pytest
 import torch
 from helpers import SMALL_LAYERS, random_walk, write_store
 
+import spec_reader
 import trajstore
 from trajstore.format.beta import piece_weights
 
 
 def _spec_lerp(x: torch.Tensor, y: torch.Tensor, w: float) -> torch.Tensor:
-    """docs/format.md §7, layer by layer, as the reader computed it before its fast path."""
-    return torch.lerp(x, y, w)
+    """docs/format.md §7, layer by layer, in numpy (tests/spec_reader.py): not torch.lerp, whose FMA differs."""
+    return torch.from_numpy(spec_reader.lerp(x.numpy(), y.numpy(), w, "F32"))
 
 
 def test_list_weights_are_the_numpy_weights_bit_for_bit(tmp_path):

@@ -41,6 +41,29 @@ def test_writer_accepts_modules_and_state_dicts(tmp_path):
     assert [l.name for l in r.layers] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     torch.testing.assert_close(r.expert(0).anchor(2)["1.bias"], net[1].bias.detach() - 0.1)
 
+    # a real state_dict(), BatchNorm buffers and all, trained a few steps: the parameters are what is stored
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(bn.parameters(), lr=0.1)
+    seen = []
+    with trajstore.create(tmp_path / "bn.ctraj", bn, 3) as w:
+        with w.expert() as ew:
+            for _ in range(3):
+                assert "1.running_mean" in bn.state_dict() and "1.num_batches_tracked" in bn.state_dict()
+                ew.append(bn.state_dict())
+                seen.append({n: p.detach().clone() for n, p in bn.named_parameters()})
+                opt.zero_grad()
+                bn(torch.randn(4, 1, 4, 4)).square().sum().backward()
+                opt.step()
+    r = trajstore.open(tmp_path / "bn.ctraj")
+    assert [l.name for l in r.layers] == [n for n, _ in bn.named_parameters()]
+    for epoch in (0, 2):
+        got = r.expert(0).anchor(epoch)
+        assert got.keys() == seen[epoch].keys() and all(torch.equal(got[n], seen[epoch][n]) for n in got)
+    with pytest.raises(trajstore.InvalidTensorError, match="missing"):
+        with trajstore.create(tmp_path / "short.ctraj", bn, 3) as w:
+            w.expert().append({k: v for k, v in bn.state_dict().items() if k != "3.bias"})
+
 
 WRITE_FOREVER = textwrap.dedent("""
     import sys, torch, trajstore
@@ -96,3 +119,72 @@ def test_concurrent_processes_write_different_experts(tmp_path):
     r.verify()
     want = random_walk(seed=21)  # rank 2, i = 1 -> expert 7
     assert torch.equal(r.expert(7).anchor(4)["conv.weight"], want[4][0])
+
+
+PUBLISH_SAME_ID = textwrap.dedent("""
+    import sys, time, trajstore
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from helpers import SMALL_LAYERS, random_walk
+    seed, ready, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    with trajstore.create({out!r}, SMALL_LAYERS, 11, waypoints=(4,), append=True) as w:
+        ew = w.expert(3)  # both processes get past the existence check before either publishes
+        ew.extend(random_walk(seed=seed))
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.01)
+        try:
+            ew.close()
+        except trajstore.ExistsError as exc:
+            print("refused:", exc, flush=True)
+            sys.exit(3)
+    print("published", flush=True)
+""")
+
+
+def test_two_processes_publishing_the_same_id_one_wins_whole(tmp_path):
+    out = tmp_path / "same.ctraj"
+    with trajstore.create(out, SMALL_LAYERS, 11, waypoints=(4,)):
+        pass
+    code = PUBLISH_SAME_ID.format(tests=str(Path(__file__).parent), out=str(out))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(seed), str(tmp_path / f"ready{seed}"), str(go)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True) for seed in (1, 2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{seed}").exists() for seed in (1, 2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer died early"
+        time.sleep(0.05)
+    go.touch()
+    codes = [p.wait(timeout=120) for p in procs]
+    outputs = [p.stdout.read() for p in procs]
+    assert sorted(codes) == [0, 3], outputs
+    loser = outputs[codes.index(3)]
+    assert "refused:" in loser and "already exists" in loser
+    winner = (1, 2)[codes.index(0)]
+    r = trajstore.open(out)
+    assert r.expert_ids == [3]
+    r.verify()
+    want = random_walk(seed=winner)  # every file of expert 3 is the winner's: no mix of the two
+    for epoch in (0, 4, 10):
+        assert all(torch.equal(r.expert(0).anchor(epoch)[n], t) for (n, _), t in zip(SMALL_LAYERS, want[epoch]))
+    assert not [p.name for p in (out / "experts").iterdir() if p.name.startswith(".")]  # loser cleaned up
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"layers": [*SMALL_LAYERS[:3], ("fc.bias", (5,))]}, "layers"),
+    ({"layers": [(n, s, torch.float16) for n, s in SMALL_LAYERS]}, "layers"),
+    ({"num_timesteps": 12, "waypoints": (4,)}, "num_timesteps"),
+    ({"smoothing": "mct"}, "smoothing"),
+    ({"waypoints": (5,)}, "anchor_epochs"),
+])
+def test_append_is_refused_on_another_layout_and_leaves_the_store_alone(tmp_path, change, key):
+    out = tmp_path / "a.ctraj"
+    with trajstore.create(out, SMALL_LAYERS, 11, waypoints=(4,)) as w:
+        w.write_expert(random_walk())
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = {"layers": SMALL_LAYERS, "num_timesteps": 11, "waypoints": (4,), **change}
+    with pytest.raises(trajstore.TrajstoreError, match=f"cannot append: .*{key}") as err:
+        trajstore.create(out, args.pop("layers"), args.pop("num_timesteps"), append=True, **args)
+    assert str(out) in str(err.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert trajstore.open(out).num_experts == 1

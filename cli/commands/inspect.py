@@ -7,6 +7,7 @@ import json
 import click
 
 from trajstore.cli.main import cli
+from trajstore.cli.options import SOURCE, storage_option
 
 
 def _human(s: dict) -> str:
@@ -28,19 +29,21 @@ def _human(s: dict) -> str:
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--plot", type=click.Path(), help="Draw the per-layer beta curves of a .ctraj to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
-def inspect_command(path, as_json, plot, force):
+@storage_option
+def inspect_command(path, as_json, plot, force, storage_options):
     """Experts, timesteps, anchors, layer table and bytes on disk against the equivalent MTT buffer."""
+    import trajstore
     from trajstore.tools.inspect import check_plottable, plot_betas, summary
 
     if plot:
-        check_plottable(path)  # refuse before printing, not after
-    s = summary(path)
+        check_plottable(path, storage_options)  # refuse before printing, not after
+    s = summary(path, storage_options)
     click.echo(json.dumps(s, indent=2) if as_json else _human(s))
     if plot:
-        written = plot_betas(path, plot, overwrite=force)
+        written = plot_betas(trajstore.open(path, storage_options=storage_options), plot, overwrite=force)
         if not as_json:
             click.echo(f"wrote {written}")

@@ -7,20 +7,22 @@ import json
 import click
 
 from trajstore.cli.main import cli
+from trajstore.cli.options import SOURCE, storage_option
 
 
 @cli.command("verify")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object ({\"ok\": true/false, ...}) "
               "instead of a line; the exit status is the same.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify_command(path, as_json, quiet):
+@storage_option
+def verify_command(path, as_json, quiet, storage_options):
     """Check a .ctraj or archive against its checksums, or read every trajectory of a legacy buffer."""
     from trajstore import TrajstoreError
     from trajstore.tools.inspect import verify
 
     try:
-        result = verify(path, progress=not quiet)
+        result = verify(path, progress=not quiet, storage_options=storage_options)
     except TrajstoreError as exc:
         if not as_json:
             raise

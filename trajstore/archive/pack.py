@@ -13,6 +13,7 @@ import torch
 from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
+from ..stores.location import locate
 from ..stores.overlap import check_separate
 from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
@@ -55,12 +56,12 @@ def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
 @single_threaded()
 @os_errors(arg="out")
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
-         architecture=None, kind: str | None = None) -> PackReport:
+         architecture=None, kind: str | None = None, storage_options: dict | None = None) -> PackReport:
     """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
     import zarr
     from zarr.storage import LocalStore
 
-    out = Path(out)
+    out = locate(out, storage_options).local("writing an archive")  # archives live on local paths
     check_separate([src], out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
@@ -114,12 +115,13 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
 @single_threaded()
 @os_errors(arg="out_dir")
 def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
-           overwrite: bool = False, progress: bool = True) -> list[Path]:
+           overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> list[Path]:
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
     `per_file` per file (None: the packed source's own file names and partition), each tensor
     bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
     from ..tools.export import write_buffer_dir
 
+    archive = locate(archive, storage_options).local("reading an archive")
     check_separate([archive], out_dir)
     buf: ArchiveBuffer = open_archive(archive)
     if per_file is None:

@@ -97,11 +97,12 @@ def as_tensor_list(params, layers: Sequence[Layer], where: str = "") -> list[tor
     if isinstance(params, torch.nn.Module):
         params = dict(params.named_parameters())
     if isinstance(params, Mapping):
+        # A module's state_dict() also holds its buffers (BatchNorm's running statistics): they are not
+        # parameters and are not stored, so names beyond the table are passed over; every layer must be there.
         missing = [layer.name for layer in layers if layer.name not in params]
-        extra = [k for k in params if k not in {layer.name for layer in layers}]
-        if missing or extra:
-            raise InvalidTensorError(f"{prefix}parameter names differ from the layer table "
-                                     f"(missing {missing}, unexpected {extra})")
+        if missing:
+            raise InvalidTensorError(f"{prefix}parameter names differ from the layer table (missing {missing}, "
+                                     f"given {list(params)[:8]}{'...' if len(params) > 8 else ''})")
         tensors = [params[layer.name] for layer in layers]
     else:
         tensors = list(params) if isinstance(params, Iterable) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -36,6 +37,52 @@ def _dtype(dtype, where=None):
         raise TrajstoreError(f"dtype={short_repr(dtype)} is not supported; use one of "
                              f"{', '.join(str(d) for d in DTYPE_NAMES)} (or None for the stored dtype)", where)
     return dtype
+
+
+# (significand bits, frexp exponent of the smallest normal) of each anchor dtype, to round a weight to it
+_PRECISION = {torch.float64: (53, -1021), torch.float32: (24, -125), torch.float16: (11, -13),
+              torch.bfloat16: (8, -125)}
+
+
+def _round_weight(w: float, dtype: torch.dtype) -> float:
+    """w (float64, in [0, 1]) rounded once to dtype, to nearest with ties to even (round() is exact here)."""
+    bits, emin = _PRECISION[dtype]
+    if w == 0.0:
+        return 0.0
+    scale = bits - max(math.frexp(w)[1], emin)
+    return math.ldexp(round(math.ldexp(w, scale)), -scale)
+
+
+def lerp(x: torch.Tensor, y: torch.Tensor, w: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """docs/format.md §7 step 4, bit for bit on every device: x + w*(y - x) for w < 0.5, else
+    y - (1 - w)*(y - x), each operation rounded to the tensor dtype, the factor rounded to it first.
+
+    Not torch.lerp: its fused multiply-add (and float32 arithmetic for 16-bit types) rounds once, so it
+    differs from a reader written from the spec in the last bit, and between CPU builds and CUDA.
+    Separate sub/mul/add kernels round after every operation on every backend.
+    """
+    out = torch.sub(y, x, out=out)
+    if w < 0.5:
+        return out.mul_(_round_weight(w, out.dtype)).add_(x)
+    return torch.sub(y, out.mul_(_round_weight(1.0 - w, out.dtype)), out=out)
+
+
+def lerp_layers(xs: list[torch.Tensor], ys: list[torch.Tensor], ws: list[float]) -> list[torch.Tensor]:
+    """lerp() of every layer in a few fused foreach launches (one per operation, not per layer: what a
+    GPU wants), with the same roundings: each foreach operation rounds every element on its own."""
+    d = list(torch._foreach_sub(ys, xs))
+    low = [i for i, w in enumerate(ws) if w < 0.5]
+    high = [i for i, w in enumerate(ws) if not w < 0.5]
+    if low:
+        part = [d[i] for i in low]
+        torch._foreach_mul_(part, [_round_weight(ws[i], d[i].dtype) for i in low])
+        torch._foreach_add_(part, [xs[i] for i in low])
+    if high:
+        part = [d[i] for i in high]
+        torch._foreach_mul_(part, [_round_weight(1.0 - ws[i], d[i].dtype) for i in high])
+        for i, t in zip(high, torch._foreach_sub([ys[i] for i in high], part)):
+            d[i] = t
+    return d
 
 
 def _index(i, n: int, what: str, path) -> int:
@@ -174,10 +221,9 @@ class Expert:
         a = self._s._anchor(self, epochs[piece], dev, dtype)
         b = self._s._anchor(self, epochs[piece + 1], dev, dtype)
         if flat:
-            # On the CPU the per-layer lerps are the floor (one lerp over the whole vector would send other
-            # elements down the kernel's scalar tail and could change their last bit), so the Python
-            # around them is kept minimal. On a GPU each lerp is a kernel launch: one fused foreach
-            # launch and one cat replace the per-layer launches, with the same per-element formula.
+            # On the CPU the per-layer lerps (three passes each) are the floor, so the Python around them is
+            # kept minimal. On a GPU each operation is a kernel launch: foreach launches over all layers
+            # and one cat replace the per-layer launches, with the same roundings (docs/format.md §7).
             if dtype is None and not self._s._uniform_dtype:
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", self._s.path)
             if out is None:
@@ -186,11 +232,11 @@ class Expert:
                 raise TrajstoreError(f"out must be a {a[0].dtype} vector of {self._s.num_params} values on "
                                      f"{a[0].device}", self._s.path)
             if dev.type == "cuda":
-                return torch.cat(torch._foreach_lerp(a, b, ws), out=out)
+                return torch.cat(lerp_layers(a, b, ws), out=out)
             for ta, tb, w, o in zip(a, b, ws, self._s._layer_views(out)):
-                torch.lerp(ta, tb, w, out=o)
+                lerp(ta, tb, w, out=o)
             return out
-        return {layer.name: torch.lerp(ta, tb, w).view(layer.shape)
+        return {layer.name: lerp(ta, tb, w).view(layer.shape)
                 for layer, ta, tb, w in zip(self._s.layers, a, b, ws)}
 
     def window(self, c: float, m: float, flat: bool = False, device=None, dtype=None):

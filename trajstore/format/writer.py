@@ -196,7 +196,7 @@ class Writer:
             hint = "" if target.exists(ROOT_META) else " (an unfinished write: pass append=True to resume)"
             raise ExistsError(f"already exists{hint}; pass overwrite=True / --force to replace it", self.path)
         elif self._target.exists():
-            self._store = target.begin_replace()
+            self._store = target.begin_build(replace=True)
             self._replacing = True
             self._init_root()
         else:
@@ -314,7 +314,7 @@ class Writer:
             finally:
                 self._store.delete("")
         elif self._replacing:
-            self._target_store.finish_replace(self._store)
+            self._target_store.finish_build(self._store)
 
     def _record_experts(self) -> None:
         """Write the root metadata listing every published expert with its manifest's sha256.
@@ -339,7 +339,7 @@ class Writer:
         if self.single_file:
             self._store.delete("")
         elif self._replacing:
-            self._target_store.abandon_replace(self._store)
+            self._target_store.abandon_build(self._store)
         elif not self.meta.complete and not self.existing_experts():
             self._store.delete("")
 

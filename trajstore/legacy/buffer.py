@@ -40,6 +40,13 @@ class LegacyBuffer:
         self.layers = layers
         self.architecture = architecture
         self.training: dict = {}
+        self._stamps = {f: _stamp(f) for f in self.files}
+
+    def _unchanged(self, path: Path) -> None:
+        """Refuse a file rewritten since opening: its trajectories may differ while their count does not."""
+        if _stamp(path) != self._stamps[path]:
+            raise FormatError("the file changed since the buffer was opened (size, time or inode differ); "
+                              "open the buffer again", path)
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.kind}: {self.num_experts} experts x {self.num_timesteps} timesteps "
@@ -148,6 +155,7 @@ class ReplayBuffer(LegacyBuffer):
     def _file(self, f: int) -> list:
         if self._loaded is None or self._loaded[0] != f:
             self._loaded = None  # drop the previous file before mapping the next
+            self._unchanged(self.files[f])
             obj, mapped = loading.load(self.files[f], quiet=True)
             trajs = trajectories(obj, self.files[f])
             if len(trajs) != self._counts[f]:
@@ -188,6 +196,14 @@ def _mapped(trajs: list, mapped: bool) -> frozenset[int]:
     lists = (list, tuple)
     return frozenset(t.untyped_storage().data_ptr() for traj in trajs if isinstance(traj, lists)
                      for step in traj if isinstance(step, lists) for t in step if isinstance(t, torch.Tensor))
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _index(i) -> int | None:

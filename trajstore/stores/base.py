@@ -110,14 +110,21 @@ class Store(ABC):
     def discard(self, staged: str, final: str, manifest: str) -> None:
         """Remove what an unpublished group left at `staged`."""
 
-    def begin_replace(self) -> "Store":
-        """A store to build a complete replacement of this one in; `finish_replace` swaps it in."""
-        self.delete("")  # without rename, the old tree goes first (its root metadata before the rest)
+    def begin_build(self, replace: bool) -> "Store":
+        """A store to build a complete new tree in (replacing what is here if `replace`);
+        `finish_build` makes it the store at this location. Without rename, an object store builds
+        in place after removing the old tree, its root metadata first (so it stops opening at once)."""
+        if replace:
+            self.delete("")
         return self
 
-    def finish_replace(self, built: "Store") -> None:
-        """Make the replacement built by `begin_replace` the store at this location."""
+    def finish_build(self, built: "Store") -> None:
+        """Make the tree built by `begin_build` the store at this location."""
 
-    def abandon_replace(self, built: "Store") -> None:
-        """Give up a replacement: remove what was built."""
+    def abandon_build(self, built: "Store") -> None:
+        """Give up a build: remove what was built."""
         built.delete("")
+
+    @abstractmethod
+    def zarr_store(self, read_only: bool = True):
+        """The same location as a zarr-python store, for arrays too large to read whole (the archive)."""

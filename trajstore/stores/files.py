@@ -119,11 +119,21 @@ class DirectoryStore(Store):
     def discard(self, staged: str, final: str, manifest: str) -> None:
         atomic.remove(self._path(staged))
 
-    def begin_replace(self) -> "DirectoryStore":
-        return DirectoryStore(atomic.temp_sibling(self.root, "build"))
+    def begin_build(self, replace: bool) -> "DirectoryStore":
+        """A hidden sibling on the same filesystem, renamed into place when finished."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        built = DirectoryStore(atomic.temp_sibling(self.root, "build"))
+        built.root.mkdir()
+        self._replace = replace
+        return built
 
-    def finish_replace(self, built: Store) -> None:
-        atomic.publish_dir(built.root, self.root, overwrite=True)
+    def finish_build(self, built: Store) -> None:
+        atomic.publish_dir(built.root, self.root, overwrite=self._replace)
+
+    def zarr_store(self, read_only: bool = True):
+        from zarr.storage import LocalStore
+
+        return LocalStore(self.root, read_only=read_only)
 
 
 class ZipFileStore(Store):
@@ -223,3 +233,10 @@ class ZipFileStore(Store):
                           "cannot be modified in place", self.url)
 
     write_bytes = create_bytes = delete = stage = publish = discard = _read_only
+
+    def zarr_store(self, read_only: bool = True):
+        if self._fs is not None or not read_only:
+            self._read_only()
+        from zarr.storage import ZipStore
+
+        return ZipStore(self.path, mode="r")

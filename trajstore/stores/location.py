@@ -87,6 +87,7 @@ class Location:
         if self.path is not None:
             return self.path.exists() or self.path.is_symlink()
         try:
+            self.fs.invalidate_cache(self.fs_path)  # others write here too: ask the backend
             return self.fs.exists(self.fs_path)
         except Exception as exc:  # network and permission failures come in many types
             raise FormatError(f"cannot reach ({type(exc).__name__}: {exc})", self.url) from None
@@ -112,6 +113,11 @@ class Location:
             return {}
         attrs = doc.get("attributes") if isinstance(doc, dict) else None
         return attrs if isinstance(attrs, dict) else {}
+
+    def archive_attributes(self) -> dict | None:
+        """The root's archive attribute (a packed archive), or None."""
+        value = self._root_attributes().get(ARCHIVE_ATTRIBUTE)
+        return value if isinstance(value, dict) else None
 
     def _head(self, n: int) -> bytes:
         if self.path is not None:
@@ -155,7 +161,8 @@ class Location:
     def local(self, what: str) -> Path:
         """The local path, or one error saying `what` needs one."""
         if self.path is None:
-            raise TrajstoreError(f"{what} reads local files only; copy it to a local path first", self.url)
+            raise TrajstoreError(f"{what} works on local paths only (local files only); copy it to a local "
+                                 "path first", self.url)
         return self.path
 
 
@@ -194,14 +201,14 @@ def open_store(target, storage_options: dict | None = None, *, mode: str = "r") 
         return FsspecStore(loc.fs, loc.fs_path, loc.url)
     if mode != "r":
         raise TrajstoreError(f"mode must be 'r' or 'w', not {mode!r}")
-    if not loc.exists():
-        raise FormatError("no such .ctraj (neither a directory nor a file)", loc.url)
-    if loc.is_dir():
+    if loc.is_dir():  # first: on an object store one listing answers both questions
         if loc.path is not None:
             return DirectoryStore(loc.path)
         from .remote import FsspecStore
 
         return FsspecStore(loc.fs, loc.fs_path, loc.url)
+    if not loc.exists():
+        raise FormatError("no such .ctraj (neither a directory nor a file)", loc.url)
     try:
         magic = loc._head(4)
     except Exception as exc:

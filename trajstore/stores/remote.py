@@ -40,15 +40,22 @@ class FsspecStore(Store):
             return FormatError("file is missing", self.describe(key))
         return FormatError(f"{what} ({type(exc).__name__}: {exc})", self.describe(key))
 
+    def _fresh(self, key: str) -> str:
+        """The path of key, with fsspec's listing cache for it dropped: other processes and machines
+        write this store, so existence and listings are always asked of the backend."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, key: str) -> bool:
         try:
-            return self.fs.isfile(self._path(key))
+            return self.fs.isfile(self._fresh(key))
         except Exception as exc:  # network and permission failures come in many types
             raise self._error(exc, key) from None
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.fs.cat_file(self._path(key))
+        try:  # a range from 0 is one GET everywhere (s3fs sizes whole-object reads with a HEAD first)
+            return self.fs.cat_file(self._path(key), start=0)
         except Exception as exc:
             raise self._error(exc, key) from None
 
@@ -67,7 +74,7 @@ class FsspecStore(Store):
 
     def listdir(self, prefix: str) -> list[str]:
         try:
-            entries = self.fs.ls(self._path(prefix), detail=False)
+            entries = self.fs.ls(self._fresh(prefix), detail=False)
         except FileNotFoundError:
             return []
         except Exception as exc:
@@ -76,7 +83,7 @@ class FsspecStore(Store):
 
     def _find(self, prefix: str, **kwargs) -> dict[str, dict]:
         try:
-            found = self.fs.find(self._path(prefix), detail=True, **kwargs)
+            found = self.fs.find(self._fresh(prefix), detail=True, **kwargs)
         except FileNotFoundError:
             return {}
         except Exception as exc:
@@ -87,8 +94,8 @@ class FsspecStore(Store):
         return sorted(self._find(prefix))
 
     def groups_with(self, prefix: str, name: str) -> list[str]:
-        # one listing (a page per 1000 keys on S3) instead of a request per entry
-        keys = self._find(prefix, maxdepth=2)
+        # one flat listing (a page per 1000 keys on S3) instead of a request per entry or level
+        keys = self._find(prefix)
         head = f"{prefix}/" if prefix else ""
         return sorted(k[len(head):].split("/", 1)[0] for k in keys
                       if k.startswith(head) and k[len(head):].count("/") == 1 and k.endswith(f"/{name}"))
@@ -104,7 +111,7 @@ class FsspecStore(Store):
 
     def present(self) -> bool:
         try:
-            return self.fs.exists(self.root)
+            return self.fs.exists(self._fresh(""))
         except Exception as exc:
             raise self._error(exc, "", "cannot reach") from None
 
@@ -134,6 +141,9 @@ class FsspecStore(Store):
 
     def delete(self, prefix: str) -> None:
         self._writable()
+        if not prefix and self.fs.isfile(self.root):  # a single-file .ctraj at this URL
+            self.fs.rm_file(self.root)
+            return
         keys = sorted(self._find(prefix)) if prefix == "" or not self.exists(prefix) else [prefix]
         # the root metadata first: from then on nothing here opens as a store
         keys.sort(key=lambda k: k != ROOT_KEY)
@@ -144,6 +154,18 @@ class FsspecStore(Store):
                 pass
             except Exception as exc:
                 raise TrajstoreError(f"cannot delete ({type(exc).__name__}: {exc})", self.describe(key)) from None
+
+    def zarr_store(self, read_only: bool = True):
+        from zarr.storage import FsspecStore as ZarrFsspecStore
+
+        fs = self.fs
+        if getattr(fs, "async_impl", False):  # zarr runs its own event loop: a fresh async instance
+            fs = type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
+        else:  # zarr's fsspec store speaks asyncio
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+        return ZarrFsspecStore(fs, read_only=read_only, path=self.root)
 
     def stage(self, final: str) -> str:
         return final  # no rename: files go straight to their keys; the manifest, last, publishes

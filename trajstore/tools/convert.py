@@ -15,7 +15,8 @@ from pathlib import Path
 from ..progress import progress_bar
 from ..stores import atomic
 from ..stores.overlap import check_separate
-from ..archive import is_archive, open_archive
+from ..archive import open_archive
+from ..stores.location import locate, open_store
 from ..format.beta import anchor_epochs_with
 from ..errors import ExistsError, InvalidTensorError, os_errors
 from ..legacy import LegacyBuffer, open_buffer
@@ -35,11 +36,14 @@ class ConvertReport(WriteReport):
                 f"source's {self.source_bytes:,} bytes")
 
 
-def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None = None) -> LegacyBuffer:
-    """Full trajectories from a legacy buffer or a packed archive, behind the LegacyBuffer interface."""
-    if is_archive(src):
-        return open_archive(src)
-    return open_buffer(src, architecture=architecture, kind=kind)
+def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None = None,
+                storage_options: dict | None = None) -> LegacyBuffer:
+    """Full trajectories from a legacy buffer or a packed archive (local paths), behind the LegacyBuffer
+    interface; what `src` is, is trajstore.stores.location's decision."""
+    location = locate(src, storage_options)
+    if location.kind == "archive":
+        return open_archive(location.local("reading an archive"))
+    return open_buffer(location.local("reading a legacy buffer"), architecture=architecture, kind=kind)
 
 
 @single_threaded()
@@ -47,41 +51,53 @@ def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None =
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequence[int] = (),
             smoothing: str | None = None, single_file: bool = False, overwrite: bool = False,
             architecture=None, progress: bool = True, kind: str | None = None,
-            training: dict | None = None) -> ConvertReport:
+            training: dict | None = None, storage_options: dict | None = None) -> ConvertReport:
     """Convexify every expert of `src` into a new .ctraj at `out`.
 
     Anchors are epochs 0 and K plus `waypoints` (MCT uses 6, 25 for CIFAR-10); an MCT waypoint store
     keeps its own waypoints unless others are given. `smoothing` ("binomial" or "neighbour-mean", the
     MCT code's two; docs/format.md §4.1) smooths inner and end anchors. `architecture` names the tensors (see `trajstore.legacy.open_buffer`);
-    `training` is merged over what the buffer's directory name says (dataset, ZCA).
+    `training` is merged over what the buffer's directory name says (dataset, ZCA). `out` may be a URL
+    (s3://bucket/experts.ctraj); `storage_options` go to its fsspec filesystem.
     """
-    out = Path(out)
-    check_separate([src], out)
-    if (out.exists() or out.is_symlink()) and not overwrite:  # before scanning and hashing the whole source
-        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
-    if out.is_symlink() and not out.exists():
-        raise ExistsError("is a dangling symbolic link; remove it or choose another output", out)
-    source = open_source(src, architecture=architecture, kind=kind)
-    check_separate(source.files, out)
+    target = locate(out, storage_options)
+    if target.remote:
+        if target.exists() and not overwrite:
+            raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
+        source = open_source(src, architecture=architecture, kind=kind)
+        out = target.url
+    else:
+        out = target.path
+        check_separate([src], out)
+        if (out.exists() or out.is_symlink()) and not overwrite:  # before scanning and hashing the whole source
+            raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
+        if out.is_symlink() and not out.exists():
+            raise ExistsError("is a dangling symbolic link; remove it or choose another output", out)
+        source = open_source(src, architecture=architecture, kind=kind)
+        check_separate(source.files, out)
     if waypoints:
         anchors = anchor_epochs_with(waypoints, source.num_timesteps)
     else:
         anchors = source.anchor_epochs or (0, source.num_timesteps - 1)
     info = {"epochs": source.num_timesteps - 1, **source.training, **(training or {})}
     provenance = {
-        "converted_from": str(Path(src).resolve()),
+        "converted_from": str(Path(source.path).resolve()),
         "source_kind": source.kind,
         "sources": source.source_files(),
     }
     # Built under a hidden name of our own and moved into place when complete: a failure removes only
     # that, never an `out` another process may have created meanwhile, and a conversion is never joined.
-    with os_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    build = atomic.temp_sibling(out, "build")
+    # An object store has no rename: the store is written in place and opens only once complete.
+    if target.remote:
+        build, published = target, False
+    else:
+        with os_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        build = atomic.temp_sibling(out, "build")
     try:
         with create(build, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
-                    single_file=single_file) as writer:
+                    single_file=single_file, overwrite=overwrite and target.remote) as writer:
             for i in progress_bar(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
                 origin = source.source_of(i)
                 try:
@@ -89,12 +105,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
                 except InvalidTensorError as exc:  # e.g. NaN weights: name the source, not the output
                     raise InvalidTensorError(f"trajectory {origin['index']} cannot be stored: {exc}",
                                              source.file_of(i)) from None
-        with os_errors(out):
-            publish = atomic.publish_file if single_file else atomic.publish_dir
-            publish(build, out, overwrite=overwrite)
+        if target.remote:
+            published = True
+        else:
+            with os_errors(out):
+                publish = atomic.publish_file if single_file else atomic.publish_dir
+                publish(build, out, overwrite=overwrite)
     finally:
-        atomic.remove(build)
-    store = open_ctraj(out)
-    return ConvertReport(out=Path(out), experts=store.num_experts, num_timesteps=store.num_timesteps,
+        if not target.remote:
+            atomic.remove(build)
+        elif not published:
+            open_store(target, mode="w").delete("")
+    store = open_ctraj(target)
+    return ConvertReport(out=store.path, experts=store.num_experts, num_timesteps=store.num_timesteps,
                          anchor_epochs=store.anchor_epochs, bytes_written=store.nbytes,
                          source_bytes=source.nbytes)

@@ -67,7 +67,7 @@ def _save(obj, path: Path, final: Path) -> None:
 @single_threaded()
 @os_errors(arg="out_dir")
 def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int = 10,
-               overwrite: bool = False, progress: bool = True) -> list[Path]:
+               overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> list[Path]:
     """Write the MTT buffer files of every expert of `ctraj_path` into `out_dir`; returns the files.
 
     An existing non-empty directory is replaced only with `overwrite`. One output file (per_file
@@ -77,7 +77,7 @@ def export_mtt(ctraj_path: str | os.PathLike, out_dir: str | os.PathLike, *, per
         raise TrajstoreError(f"per_file must be at least 1, got {per_file}")
     check_separate([ctraj_path], out_dir)
     check_out_dir(Path(out_dir), overwrite)  # before the progress bar starts
-    store = open_ctraj(ctraj_path)
+    store = open_ctraj(ctraj_path, storage_options=storage_options)
     # float32 stores are read zero-copy; others are cast, since MTT buffers hold float32
     dtype = None if all(layer.dtype == "F32" for layer in store.layers) else torch.float32
 

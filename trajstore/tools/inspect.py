@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,10 @@ import torch
 
 from ..progress import progress_bar
 from ..stores import atomic
-from ..archive import is_archive
+from ..stores.location import locate
 from .convert import open_source
 from ..errors import ExistsError, TrajstoreError
 from ..format.layers import Layer
-from ..format.layout import ROOT_META
 from ..legacy.sizes import mtt_buffer_nbytes
 from ..format.reader import CTraj
 from ..format.reader import open as open_ctraj
@@ -24,20 +22,11 @@ from ..format.reader import open as open_ctraj
 MTT_DTYPE = torch.float32  # what MTT buffers (and export_mtt) hold, whatever the store's dtype
 
 
-def kind_of(path: str | os.PathLike) -> str:
-    """"ctraj", "archive" or "legacy" (anything else is left to the legacy reader to refuse)."""
-    p = Path(path)
-    if is_archive(p):
-        return "archive"
-    if p.is_dir():
-        return "ctraj" if (p / ROOT_META).is_file() else "legacy"
-    if p.is_file() and zipfile.is_zipfile(p):
-        try:
-            with zipfile.ZipFile(p) as zf:  # torch files are zips too; a .ctraj has a root zarr.json
-                return "ctraj" if ROOT_META in zf.namelist() else "legacy"
-        except Exception:  # a corrupt zip directory: the legacy reader refuses it with the reason
-            return "legacy"
-    return "legacy"
+def kind_of(path: str | os.PathLike, storage_options: dict | None = None) -> str:
+    """"ctraj", "archive" or "legacy" (anything else is left to the legacy reader to refuse); the
+    decision is trajstore.stores.location's, for paths and URLs alike."""
+    kind = locate(path, storage_options).kind
+    return "legacy" if kind == "missing" else kind
 
 
 def mtt_nbytes(layers, num_timesteps: int, num_experts: int, per_file: int = 10) -> int:
@@ -75,17 +64,18 @@ def _real_legacy_bytes(held) -> int | None:
     return None
 
 
-def summary(path: str | os.PathLike) -> dict:
+def summary(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
     """One JSON-ready dict: num_experts, num_timesteps, anchors, layers [{name, shape, count, dtype}],
     bytes (on disk), legacy_bytes (the same experts as MTT .pt files: the real files' sizes where they
     exist, else `mtt_nbytes`; legacy_bytes_measured says which), ratio, and what the store records about
     architecture and training."""
-    kind = kind_of(path)
+    location = locate(path, storage_options)
+    kind = kind_of(location)
     if kind == "ctraj":
-        held = open_ctraj(path)
+        held = open_ctraj(location)
         out = {"kind": kind, "anchors": list(held.anchor_epochs), "smoothing": held.smoothing}
     else:
-        held = open_source(path)  # a legacy buffer stores every epoch (MCT's waypoint stores: waypoints)
+        held = open_source(location)  # a legacy buffer stores every epoch (MCT's waypoint stores: waypoints)
         out = {"kind": kind if kind == "archive" else f"legacy {held.kind}", "files": len(held.files),
                "anchors": list(held.anchor_epochs or range(held.num_timesteps))}
     out.update({"path": str(path), "num_experts": held.num_experts, "num_timesteps": held.num_timesteps,
@@ -99,19 +89,20 @@ def summary(path: str | os.PathLike) -> dict:
     return out
 
 
-def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
+def verify(path: str | os.PathLike, *, progress: bool = False, storage_options: dict | None = None) -> dict:
     """Re-check structure and every checksum (a .ctraj or an archive) or every trajectory (a legacy
     buffer), expert by expert with a progress bar; raises the first problem as a trajstore error, else
     returns what was checked: {"ok": True, kind, path, num_experts, seconds}."""
     began = time.perf_counter()
-    kind = kind_of(path)
+    location = locate(path, storage_options)
+    kind = kind_of(location)
     if kind == "ctraj":
-        store = open_ctraj(path)
+        store = open_ctraj(location)
         for expert in progress_bar(store, total=store.num_experts, desc="verify", unit="expert", disable=not progress):
             expert.verify()  # what CTraj.verify does, one expert at a time
         count, extra = store.num_experts, {"unlisted": store.unlisted_ids}
     else:
-        source = open_source(path)
+        source = open_source(location)
         check = getattr(source, "check", None)  # an archive also compares each expert with its sha256
         steps = progress_bar(source.iter_trajectories(), total=source.num_experts, desc="verify", unit="expert",
                              disable=not progress)
@@ -123,9 +114,9 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> dict:
             "seconds": round(time.perf_counter() - began, 3), **extra}
 
 
-def check_plottable(path: str | os.PathLike) -> None:
+def check_plottable(path: str | os.PathLike, storage_options: dict | None = None) -> None:
     """Refuse, before anything is printed or drawn, to plot betas of what is not a .ctraj."""
-    kind = kind_of(path)
+    kind = kind_of(path, storage_options)
     if kind != "ctraj":
         raise TrajstoreError(f"--plot draws the beta schedules of a .ctraj, but this is a {kind} buffer: convert "
                              f"it first (`trajstore convert {path} OUT.ctraj`) and plot that", path)
