@@ -18,6 +18,7 @@ def test_interpolation(tmp_path):
     r = result(bench_interpolation.main(["--width", "8", "--timesteps", "5", "--repeat", "3",
                                          "--out", str(tmp_path / "i.json")]))
     assert r["cpu"]["ratio_at_over_copy"] > 0 and r["cpu"]["bytes"] > 0
+    assert r["cpu"]["bit_identical_to_spec_lerp"] is True  # the timed path computes §7's lerp
 
 
 def test_sampling(tmp_path):
