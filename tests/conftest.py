@@ -19,6 +19,24 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def run():
+    """`run(*args, ok=True)`: the trajstore command line in-process; asserts exit 0 unless ok=False."""
+    from click.testing import CliRunner
+
+    from trajstore.cli.main import cli
+
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, [str(a) for a in args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
 LEGACY_MODEL = {"channel": 3, "num_classes": 4, "im_size": (32, 32), "width": 4, "depth": 3}
 
 

@@ -4,23 +4,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import trajstore
-from trajstore.cli.main import cli
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(cli, [str(a) for a in args])
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return invoke
 
 
 def test_convert_inspect_verify_export(tmp_path, legacy_buffer, run):

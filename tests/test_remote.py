@@ -17,11 +17,9 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from click.testing import CliRunner
 
 import trajstore
 from helpers import SMALL_LAYERS, random_walk, write_store
-from trajstore.cli.main import cli
 from trajstore.stores.location import locate, open_store, parse_storage_options
 from trajstore.stores.remote import FsspecStore
 from trajstore.tools.convert import open_source
@@ -84,19 +82,6 @@ def backend(request, tmp_path, monkeypatch):
             fs.rm(f"/{run}", recursive=True)
     else:
         yield Backend("file", f"file://{tmp_path}/{run}", {}, fsspec.filesystem("file"), False)
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(cli, [str(a) for a in args])
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return invoke
 
 
 def test_convert_open_sample_inspect_verify(backend, legacy_buffer, tmp_path, run):
