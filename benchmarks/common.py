@@ -32,18 +32,7 @@ def machine() -> dict:
 
 def timeit(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, sync: bool = False) -> dict:
     """Median and spread of wall time in seconds (CUDA-synchronised when sync)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeat": repeat}
+    return timeit_interleaved({"fn": fn}, repeat=repeat, warmup=warmup, sync=sync)["fn"]
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], object]], *, repeat: int = 20, warmup: int = 2,
