@@ -228,11 +228,16 @@ def load_result(out_dir: str | os.PathLike) -> DistillResult:
         raise FormatError(f"not a distillation result ({type(exc).__name__}: {exc})", path) from None
 
 
-def method_for(path: str | os.PathLike, method: str | None = None) -> str:
-    """`method`, or the one the source at `path` calls for: mct for a .ctraj, mtt for anything else."""
-    from trajstore.tools.inspect import kind_of
+def method_for(path: str | os.PathLike, method: str | None = None, *, kind: str | None = None) -> str:
+    """`method`, or the one the source at `path` calls for: mct for a .ctraj, mtt for anything else.
+    `kind` is `kind_of(path)` when the caller has it already (saves locating the path again)."""
+    if method:
+        return method
+    if kind is None:
+        from trajstore.tools.inspect import kind_of
 
-    return method or ("mct" if kind_of(path) == "ctraj" else "mtt")
+        kind = kind_of(path)
+    return "mct" if kind == "ctraj" else "mtt"
 
 
 def open_experts(path: str | os.PathLike, method: str | None = None, *, model: str | None = None,
@@ -250,7 +255,7 @@ def open_experts(path: str | os.PathLike, method: str | None = None, *, model: s
     if not path.exists():
         raise FormatError("no such .ctraj, legacy buffer or archive", path)
     kind = kind_of(path)
-    method = method_for(path, method)
+    method = method_for(path, method, kind=kind)
     if method == "mct":
         if kind != "ctraj":
             raise TrajstoreError(f"MCT distills from a .ctraj but this is a {kind} buffer: convert it first "
