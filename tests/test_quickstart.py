@@ -62,3 +62,17 @@ def test_quickstart_smoke_writes_its_table_and_files(tmp_path):
         verdict = (f"{row['method']} beats the random real subset by {margin:.2f} points" if margin > 0 else
                    f"{row['method']} does NOT beat the random real subset ({margin:+.2f} points)")
         assert verdict in again.output.splitlines(), (verdict, again.output)
+
+    # Both verdicts, whatever this run's margins happen to be: the finished runs' final accuracies set to
+    # 0 (MCT) and 1 (MTT) on disk, the table dropped, a rerun reads them back and re-evaluates the subset.
+    for method, mean in (("mct", 0.0), ("mtt", 1.0)):
+        doc = json.loads((out / method / "result.json").read_text())
+        doc["final"] = {**doc["final"], "mean": mean}
+        (out / method / "result.json").write_text(json.dumps(doc))
+    (out / "table.json").unlink()
+    lines.clear()
+    run_quickstart(out, scale="smoke", progress=False, log=lines.append)
+    base = 100 * json.loads((out / "table.json").read_text())["rows"][2]["accuracy"]["mean"]
+    assert 0 < base < 100
+    assert f"MCT does NOT beat the random real subset ({-base:+.2f} points)" in lines, lines
+    assert f"MTT beats the random real subset by {100 - base:.2f} points" in lines, lines

@@ -107,6 +107,8 @@ class MCTPairBuffer(LegacyBuffer):
         f, j = self.locate(i)
         if self._loaded is None or self._loaded[0] != f:
             self._loaded = None
+            for path in self.pairs[f]:  # a rewrite may keep the count and shapes and change the numbers
+                self._unchanged(path)
             self._loaded = (f, *self._load_pair(*self.pairs[f], quiet=True))
         wfile, sfile = self.pairs[f]
         waypoints = self._loaded[1][j]

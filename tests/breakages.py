@@ -1,0 +1,155 @@
+"""Break the code on purpose, one promise at a time, and check that the test named for it fails
+(issue 16; docs/mutation-testing.md "Breakages").
+
+    python tests/breakages.py              # every breakage; prints a markdown table
+    python tests/breakages.py quickstart   # the breakages whose name contains "quickstart"
+
+Each breakage replaces one exact snippet of the source (it must occur exactly once, so a refactor that
+moves the code makes this script say so instead of testing nothing) in a scratch copy of the working
+tree, runs the named tests there, and reports which of them failed. The working tree is never edited.
+A breakage "holds" when every named test fails on it; the script exits 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    promise: str  # what the tests promise, in the words of issue 16
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BREAKAGES = [
+    Breakage("mct-first-betas", "MCT waypoint stores: each expert's own betas",
+             "trajstore/legacy/mct.py", "pieces = _pieces(self._loaded[2][j],", "pieces = _pieces(self._loaded[2][0],",
+             ("tests/test_legacy.py::test_mct_waypoint_stores_materialise_as_mct_does",
+              "tests/test_convert.py::test_mct_waypoint_store_keeps_its_waypoints")),
+    Breakage("constant-memory-first-order", "constant memory keeps the second-order term",
+             "distill/matching.py", "adjoint = adjoint - lr * vjp[1]", "adjoint = adjoint",
+             ("tests/test_matching.py::test_constant_memory_drops_second_order_terms_nowhere",)),
+    Breakage("convert-threads", "conversion runs single-threaded",
+             "trajstore/tools/convert.py", "@single_threaded()\n@os_errors", "@os_errors",
+             ("tests/test_convert.py::test_conversion_runs_single_threaded_and_restores_the_thread_count",)),
+    Breakage("functional-net-writes-module", "FunctionalNet leaves the module alone",
+             "distill/networks/__init__.py", "return functional_call(self.net, self.unflatten(flat), (x,))",
+             "torch.nn.utils.vector_to_parameters(flat.detach(), self.net.parameters())\n"
+             "        return functional_call(self.net, self.unflatten(flat), (x,))",
+             ("tests/test_networks.py::test_functional_network_equals_module_network",)),
+    Breakage("writer-refuses-buffers", "the writer takes a real state_dict (BatchNorm buffers)",
+             "trajstore/format/layers.py", "        if missing:\n",
+             "        if missing or set(params) - {layer.name for layer in layers}:\n",
+             ("tests/test_writer.py::test_writer_accepts_modules_and_state_dicts",)),
+    Breakage("legacy-same-count-rewrite", "a same-count rewrite of a legacy file is noticed",
+             "trajstore/legacy/buffer.py", "self._unchanged(self.files[f])", "pass",
+             ("tests/test_legacy.py::test_a_same_count_rewrite_is_noticed_too",)),
+    Breakage("beta-off-by-one", "betas by hand (not from beta_from_norms)",
+             "trajstore/format/beta.py", "beta[a + 1 : b] = frac[:-1]", "beta[a + 1 : b] = frac[1:]",
+             ("tests/test_beta.py::test_beta_by_hand",
+              "tests/test_convert.py::test_anchors_are_the_source_timesteps_and_betas_follow_eq9")),
+    Breakage("beta-whole-trajectory", "each piece is normalised on its own (§5)",
+             "trajstore/format/beta.py", "cum = np.cumsum(norms[a:b], axis=0)",
+             "cum = np.cumsum(norms[a:b], axis=0) * (b - a) / len(norms)",
+             ("tests/test_beta.py::test_beta_by_hand", "tests/test_properties.py::test_round_trip_and_interpolation")),
+    Breakage("weights-piece-end", "interpolation weights by hand (not from piece_weights)",
+             "trajstore/format/beta.py", "b_hi = [1.0] * len(b_lo) if hi == end else beta[hi]", "b_hi = beta[hi]",
+             ("tests/test_beta.py::test_piece_weights_by_hand", "tests/test_properties.py::test_round_trip_and_interpolation",
+              "tests/test_conformance.py::test_trajstore_gives_the_expected_values_bit_for_bit")),
+    Breakage("quickstart-verdict-inverted", "the quickstart verdict says what its table says",
+             "distill/quickstart.py", "if margin > 0 else", "if margin < 0 else",
+             ("tests/test_quickstart.py::test_quickstart_smoke_writes_its_table_and_files",)),
+    Breakage("quickstart-verdict-always-beats", "\"does NOT beat\" is said when it does not",
+             "distill/quickstart.py", "if margin > 0 else", "if True else",
+             ("tests/test_quickstart.py::test_quickstart_smoke_writes_its_table_and_files",)),
+    Breakage("mtt-nbytes-2-bytes-a-tensor", "mtt_nbytes within the measured agreement (not 1e-3)",
+             "trajstore/legacy/sizes.py", "total += zip_size(f\"replay_buffer_{n}\", records[count])",
+             "total += zip_size(f\"replay_buffer_{n}\", records[count]) + 2 * count * num_timesteps * len(shapes)",
+             ("tests/test_legacy.py::test_mtt_nbytes_agrees_with_the_mct_authors_measurement",)),
+    Breakage("legacy-reload-every-sample", "the legacy source on a real buffer (not a stub) loads one file",
+             "trajstore/legacy/buffer.py", "if self._loaded is None or self._loaded[0] != f:\n            self._loaded = None  # drop",
+             "if True:\n            self._loaded = None  # drop",
+             ("tests/test_sources.py::test_legacy_source_on_a_real_buffer_loads_one_file_per_sample",)),
+    Breakage("metrics-not-flushed-at-checkpoint", "a killed run (real SIGKILL) resumes without losing records",
+             "distill/run.py", "        metrics.flush()\n        _save_checkpoint(", "        _save_checkpoint(",
+             ("tests/test_run.py::test_a_killed_run_resumes_to_the_same_result",)),
+    Breakage("metrics-not-truncated-on-resume", "metrics.jsonl is cut back to the checkpoint on resume",
+             "distill/run.py", "f.truncate(int(state[\"metrics_bytes\"]))", "pass",
+             ("tests/test_run.py::test_a_killed_run_resumes_to_the_same_result",)),
+    Breakage("experts-restart-from-scratch", "a killed expert training (real SIGKILL) resumes",
+             "distill/experts.py", "todo = [i for i in range(num_experts) if i not in set(finished)]",
+             "todo = list(range(num_experts))",
+             ("tests/test_experts.py::test_resume_after_an_interruption_gives_the_uninterrupted_result",)),
+]
+
+
+def scratch_copy(dest: Path) -> None:
+    """The working tree's tracked and untracked-but-not-ignored files, with `distill/` and `cli/` moved to
+    where pyproject.toml maps them (trajstore.distill, trajstore.cli), so PYTHONPATH=dest imports this copy."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if not src.is_file():
+            continue  # deleted in the working tree
+        target = dest / re.sub(r"^(distill|cli)/", r"trajstore/\1/", f)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def apply(copy: Path, b: Breakage) -> None:
+    path = copy / re.sub(r"^(distill|cli)/", r"trajstore/\1/", b.path)
+    text = path.read_text()
+    if text.count(b.old) != 1:
+        raise SystemExit(f"{b.name}: {b.path} holds the snippet {text.count(b.old)} times (expected once); "
+                         "update tests/breakages.py to the code as it is now")
+    path.write_text(text.replace(b.old, b.new))
+
+
+def failing_tests(copy: Path, tests: tuple[str, ...]) -> tuple[list[str], str]:
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", "--timeout=600",
+                           *tests], cwd=copy, env=env, capture_output=True, text=True)
+    failed = sorted({m.group(1) for m in re.finditer(r"^FAILED (\S+)", proc.stdout, re.M)})
+    return failed, proc.stdout[-3000:]
+
+
+def main(argv: list[str]) -> int:
+    chosen = [b for b in BREAKAGES if not argv or any(a in b.name for a in argv)]
+    rows, holds = [], True
+    for b in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"breakage-{b.name}-") as tmp:
+            copy = Path(tmp)
+            scratch_copy(copy)
+            apply(copy, b)
+            failed, tail = failing_tests(copy, b.tests)
+        # a parametrised test fails under its own id (test[case]); count it as the named test failing
+        missed = [t for t in b.tests if not any(f == t or f.startswith(t + "[") for f in failed)]
+        holds &= not missed
+        print(f"{b.name}: {'holds' if not missed else 'MISSED by ' + ', '.join(missed)}", file=sys.stderr)
+        if missed:
+            print(tail, file=sys.stderr)
+        rows.append(f"| {b.promise} | `{b.path}`: `{b.old.strip().splitlines()[0]}` -> "
+                    f"`{b.new.strip().splitlines()[0]}` | "
+                    + ", ".join(f"`{t.split('::')[-1]}`" + ("" if t not in missed else " (passed!)") for t in b.tests)
+                    + " |")
+    print("| promise | breakage | tests that fail |\n|---|---|---|")
+    print("\n".join(rows))
+    return 0 if holds else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
