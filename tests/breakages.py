@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutation_job import package_path, scratch_copy  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Breakage:
     name: str
-    promise: str  # what the tests promise, in the words of issue 16
+    broken: str  # what the breakage does
     path: str
     old: str
     new: str
@@ -35,83 +35,68 @@ class Breakage:
 
 
 BREAKAGES = [
-    Breakage("mct-first-betas", "MCT waypoint stores: each expert's own betas",
+    Breakage("mct-first-betas", "MCT import: every expert reads the first expert's betas",
              "trajstore/legacy/mct.py", "pieces = _pieces(self._loaded[2][j],", "pieces = _pieces(self._loaded[2][0],",
              ("tests/test_legacy.py::test_mct_waypoint_stores_materialise_as_mct_does",
               "tests/test_convert.py::test_mct_waypoint_store_keeps_its_waypoints")),
-    Breakage("constant-memory-first-order", "constant memory keeps the second-order term",
+    Breakage("constant-memory-first-order", "constant memory: the second-order (Hessian) term dropped from the reverse pass",
              "distill/matching.py", "adjoint = adjoint - lr * vjp[1]", "adjoint = adjoint",
              ("tests/test_matching.py::test_constant_memory_drops_second_order_terms_nowhere",)),
-    Breakage("convert-threads", "conversion runs single-threaded",
+    Breakage("convert-threads", "conversion: the single-thread decorator deleted",
              "trajstore/tools/convert.py", "@single_threaded()\n@os_errors", "@os_errors",
              ("tests/test_convert.py::test_conversion_runs_single_threaded_and_restores_the_thread_count",)),
-    Breakage("functional-net-writes-module", "FunctionalNet leaves the module alone",
+    Breakage("functional-net-writes-module", "FunctionalNet writes the flat vector into the module before the call",
              "distill/networks/__init__.py", "return functional_call(self.net, self.unflatten(flat), (x,))",
              "torch.nn.utils.vector_to_parameters(flat.detach(), self.net.parameters())\n"
              "        return functional_call(self.net, self.unflatten(flat), (x,))",
              ("tests/test_networks.py::test_functional_network_equals_module_network",)),
-    Breakage("writer-refuses-buffers", "the writer takes a real state_dict (BatchNorm buffers)",
+    Breakage("writer-refuses-buffers", "writer: a state_dict with BatchNorm buffers refused again",
              "trajstore/format/layers.py", "        if missing:\n",
              "        if missing or set(params) - {layer.name for layer in layers}:\n",
              ("tests/test_writer.py::test_writer_accepts_modules_and_state_dicts",)),
-    Breakage("legacy-same-count-rewrite", "a same-count rewrite of a legacy file is noticed",
+    Breakage("legacy-same-count-rewrite", "legacy buffer: the changed-file check dropped (a same-count rewrite)",
              "trajstore/legacy/buffer.py", "self._unchanged(self.files[f])", "pass",
              ("tests/test_legacy.py::test_a_same_count_rewrite_is_noticed_too",)),
-    Breakage("beta-off-by-one", "betas by hand (not from beta_from_norms)",
+    Breakage("beta-off-by-one", "beta_from_norms: each piece's betas shifted by one step",
              "trajstore/format/beta.py", "beta[a + 1 : b] = frac[:-1]", "beta[a + 1 : b] = frac[1:]",
              ("tests/test_beta.py::test_beta_by_hand",
               "tests/test_convert.py::test_anchors_are_the_source_timesteps_and_betas_follow_eq9")),
-    Breakage("beta-whole-trajectory", "each piece is normalised on its own (§5)",
-             "trajstore/format/beta.py", "cum = np.cumsum(norms[a:b], axis=0)",
-             "cum = np.cumsum(norms[a:b], axis=0) * (b - a) / len(norms)",
+    Breakage("beta-whole-trajectory", "beta_from_norms: pieces normalised by the whole trajectory's length",
+             "trajstore/format/beta.py", "total = cum[-1]", "total = norms.sum(axis=0)",
              ("tests/test_beta.py::test_beta_by_hand", "tests/test_properties.py::test_round_trip_and_interpolation")),
-    Breakage("weights-piece-end", "interpolation weights by hand (not from piece_weights)",
+    Breakage("weights-piece-end", "piece_weights: beta[hi] instead of 1 at a piece's end",
              "trajstore/format/beta.py", "b_hi = [1.0] * len(b_lo) if hi == end else beta[hi]", "b_hi = beta[hi]",
              ("tests/test_beta.py::test_piece_weights_by_hand", "tests/test_properties.py::test_round_trip_and_interpolation",
               "tests/test_conformance.py::test_trajstore_gives_the_expected_values_bit_for_bit")),
-    Breakage("quickstart-verdict-inverted", "the quickstart verdict says what its table says",
+    Breakage("quickstart-verdict-inverted", "quickstart verdict: the comparison inverted",
              "distill/quickstart.py", "if margin > 0 else", "if margin < 0 else",
              ("tests/test_quickstart.py::test_quickstart_smoke_writes_its_table_and_files",)),
-    Breakage("quickstart-verdict-always-beats", "\"does NOT beat\" is said when it does not",
+    Breakage("quickstart-verdict-always-beats", "quickstart verdict: always \"beats\"",
              "distill/quickstart.py", "if margin > 0 else", "if True else",
              ("tests/test_quickstart.py::test_quickstart_smoke_writes_its_table_and_files",)),
-    Breakage("mtt-nbytes-2-bytes-a-tensor", "mtt_nbytes within the measured agreement (not 1e-3)",
+    Breakage("mtt-nbytes-2-bytes-a-tensor", "mtt_nbytes: 2 bytes too many per tensor (within the old 1e-3)",
              "trajstore/legacy/sizes.py", "total += zip_size(f\"replay_buffer_{n}\", records[count])",
              "total += zip_size(f\"replay_buffer_{n}\", records[count]) + 2 * count * num_timesteps * len(shapes)",
              ("tests/test_legacy.py::test_mtt_nbytes_agrees_with_the_mct_authors_measurement",)),
-    Breakage("legacy-reload-every-sample", "the legacy source on a real buffer (not a stub) loads one file",
+    Breakage("legacy-reload-every-sample", "legacy buffer: the loaded file not kept (reloaded every sample)",
              "trajstore/legacy/buffer.py", "if self._loaded is None or self._loaded[0] != f:\n            self._loaded = None  # drop",
              "if True:\n            self._loaded = None  # drop",
              ("tests/test_sources.py::test_legacy_source_on_a_real_buffer_loads_one_file_per_sample",)),
-    Breakage("metrics-not-flushed-at-checkpoint", "a killed run (real SIGKILL) resumes without losing records",
+    Breakage("metrics-not-flushed-at-checkpoint", "distill: metrics.jsonl not flushed at a checkpoint (lost in a real SIGKILL)",
              "distill/run.py", "        metrics.flush()\n        _save_checkpoint(", "        _save_checkpoint(",
              ("tests/test_run.py::test_a_killed_run_resumes_to_the_same_result",)),
-    Breakage("metrics-not-truncated-on-resume", "metrics.jsonl is cut back to the checkpoint on resume",
+    Breakage("metrics-not-truncated-on-resume", "distill: metrics.jsonl not truncated to the checkpoint on resume",
              "distill/run.py", "f.truncate(int(state[\"metrics_bytes\"]))", "pass",
              ("tests/test_run.py::test_a_killed_run_resumes_to_the_same_result",)),
-    Breakage("experts-restart-from-scratch", "a killed expert training (real SIGKILL) resumes",
+    Breakage("experts-restart-from-scratch", "train_experts: a resumed run trains every expert again",
              "distill/experts.py", "todo = [i for i in range(num_experts) if i not in set(finished)]",
              "todo = list(range(num_experts))",
              ("tests/test_experts.py::test_resume_after_an_interruption_gives_the_uninterrupted_result",)),
 ]
 
 
-def scratch_copy(dest: Path) -> None:
-    """The working tree's tracked and untracked-but-not-ignored files, with `distill/` and `cli/` moved to
-    where pyproject.toml maps them (trajstore.distill, trajstore.cli), so PYTHONPATH=dest imports this copy."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           check=True, capture_output=True).stdout.decode().split("\0")
-    for f in filter(None, files):
-        src = ROOT / f
-        if not src.is_file():
-            continue  # deleted in the working tree
-        target = dest / re.sub(r"^(distill|cli)/", r"trajstore/\1/", f)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-
-
 def apply(copy: Path, b: Breakage) -> None:
-    path = copy / re.sub(r"^(distill|cli)/", r"trajstore/\1/", b.path)
+    path = copy / package_path(b.path)
     text = path.read_text()
     if text.count(b.old) != 1:
         raise SystemExit(f"{b.name}: {b.path} holds the snippet {text.count(b.old)} times (expected once); "
@@ -132,7 +117,7 @@ def main(argv: list[str]) -> int:
     rows, holds = [], True
     for b in chosen:
         with tempfile.TemporaryDirectory(prefix=f"breakage-{b.name}-") as tmp:
-            copy = Path(tmp)
+            copy = Path(tmp) / "copy"
             scratch_copy(copy)
             apply(copy, b)
             failed, tail = failing_tests(copy, b.tests)
@@ -142,11 +127,9 @@ def main(argv: list[str]) -> int:
         print(f"{b.name}: {'holds' if not missed else 'MISSED by ' + ', '.join(missed)}", file=sys.stderr)
         if missed:
             print(tail, file=sys.stderr)
-        rows.append(f"| {b.promise} | `{b.path}`: `{b.old.strip().splitlines()[0]}` -> "
-                    f"`{b.new.strip().splitlines()[0]}` | "
-                    + ", ".join(f"`{t.split('::')[-1]}`" + ("" if t not in missed else " (passed!)") for t in b.tests)
-                    + " |")
-    print("| promise | breakage | tests that fail |\n|---|---|---|")
+        rows.append(f"| {b.broken} | `{b.path}` | " + ", ".join(
+            f"`{t.split('::')[-1]}`" + (" (passed!)" if t in missed else "") for t in b.tests) + " |")
+    print("| breakage | in | tests that fail on it |\n|---|---|---|")
     print("\n".join(rows))
     return 0 if holds else 1
 

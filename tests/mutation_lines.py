@@ -1,11 +1,13 @@
-"""Write a patch file that marks the interpolation code of trajstore/format/reader.py as changed, so
-`mutmut run --use-patch-file` mutates those lines only (docs/mutation-testing.md).
+"""The interpolation code of trajstore/format/reader.py, by name: the reader job of
+tests/mutation_job.py mutates these functions only (docs/mutation-testing.md).
 
-    python tests/mutation_lines.py > interpolation.patch
+    python tests/mutation_lines.py    # the mutmut names of those functions
+
+mutmut 3 mutates function bodies; a module-level constant among TARGETS (`_PRECISION`) is not mutated by
+it and is covered by hand-made mutants instead (docs/mutation-testing.md).
 """
 
 import ast
-import difflib
 import sys
 from pathlib import Path
 
@@ -13,23 +15,23 @@ PATH = "trajstore/format/reader.py"
 TARGETS = {"_PRECISION", "_round_weight", "lerp", "lerp_layers", "at"}  # module-level names and Expert methods
 
 
-def target_lines(source: str) -> set[int]:
-    lines = set()
-    for node in ast.walk(ast.parse(source)):
-        name = getattr(node, "name", None) or (node.targets[0].id if isinstance(node, ast.Assign)
-                                               and isinstance(node.targets[0], ast.Name) else None)
-        if name in TARGETS:
-            lines.update(range(node.lineno, node.end_lineno + 1))
-    return lines
+def mangled_names(source: str | None = None) -> list[str]:
+    """mutmut's names of the TARGETS functions: `x_{name}` for a module function, `xǁ{Class}ǁ{name}` for a
+    method (mutant names append `__mutmut_{n}`)."""
+    tree = ast.parse(source if source is not None else (Path(__file__).resolve().parents[1] / PATH).read_text())
+    names = [f"x_{node.name}" for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in TARGETS]
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        names += [f"x\u01c1{cls.name}\u01c1{node.name}" for node in cls.body
+                  if isinstance(node, ast.FunctionDef) and node.name in TARGETS]
+    return names
 
 
-def main() -> None:
-    source = (Path(__file__).resolve().parents[1] / PATH).read_text()
-    keep = target_lines(source)
-    new = source.splitlines(keepends=True)
-    old = [line for i, line in enumerate(new, 1) if i not in keep]
-    sys.stdout.writelines(difflib.unified_diff(old, new, f"a/{PATH}", f"b/{PATH}"))
+def constants(source: str | None = None) -> list[str]:
+    """The module-level assignments among TARGETS (not mutated by mutmut 3)."""
+    tree = ast.parse(source if source is not None else (Path(__file__).resolve().parents[1] / PATH).read_text())
+    return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name) and t.id in TARGETS]
 
 
 if __name__ == "__main__":
-    main()
+    sys.stdout.write("\n".join(mangled_names()) + "\n")

@@ -41,6 +41,11 @@ def test_beta_one_piece_and_many_pieces():
 def test_beta_accepts_lists_and_other_float_types():
     got = beta_from_norms(NORMS.astype(np.float32).tolist(), list(EPOCHS))
     np.testing.assert_allclose(got, BETA, rtol=1e-15, atol=0)
+    # §5 computes in float64 whatever the norms came in: float32 arithmetic would give 1/3 to 7 digits only
+    for dtype in (np.float32, np.float16, np.int64):
+        got = beta_from_norms(NORMS.astype(dtype), EPOCHS)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, BETA, rtol=1e-15, atol=0)
 
 
 def test_beta_refuses_anchors_that_do_not_fit():
@@ -65,6 +70,11 @@ def test_check_anchor_epochs():
         with pytest.raises(TrajstoreError) as err:
             check_anchor_epochs(epochs, n)
         assert str(err.value) == message
+    for epochs, n, message in [((0, "x"), 2, "anchor_epochs='x' must be an integer, not str"),
+                               ((0, 1), "2", "num_timesteps='2' must be an integer, not str")]:
+        with pytest.raises(TrajstoreError) as err:
+            check_anchor_epochs(epochs, n)
+        assert str(err.value) == message  # the argument named
 
 
 def test_anchor_epochs_with_waypoints():
@@ -78,6 +88,14 @@ def test_anchor_epochs_with_waypoints():
     with pytest.raises(TrajstoreError) as err:
         anchor_epochs_with((50, 6, 0), 51)
     assert str(err.value) == "waypoints [0, 50] lie outside the open range (0, 50)"
+    # arguments of the wrong type are named in the message (the CLI passes these through)
+    for args, message in [(((6, 25), "51"), "num_timesteps='51' must be an integer, not str"),
+                          (((6, 25), None), "num_timesteps=None must be an integer, not NoneType"),
+                          ((("a",), 51), "waypoints='a' must be an integer, not str"),
+                          (((6.5,), 51), "waypoints=6.5 must be an integer, not float")]:
+        with pytest.raises(TrajstoreError) as err:
+            anchor_epochs_with(*args)
+        assert str(err.value) == message
 
 
 @pytest.mark.parametrize("c,want", [

@@ -5,6 +5,7 @@ exact in float32 and compared bit for bit (docs/legacy-formats.md §5). Also eve
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -115,32 +116,75 @@ def test_two_waypoints_have_no_piece_level_and_betas_may_be_python_numbers(tmp_p
     assert buf.betas(0).tolist() == [[0, 0], [0.25, 0.5], [0.5, 0.75], [1, 1]]
 
 
-def test_a_pre_zip_pair_warns_when_opened_and_reads_quietly(tmp_path, recwarn):
+def test_a_pre_zip_pair_warns_when_opened_and_reads_quietly(tmp_path):
     d = tmp_path / "old"
     save_pair(d, 0, [0], _use_new_zipfile_serialization=False)
-    buf = open_buffer(d, architecture=NAMES)
-    assert sum("pre-1.6 format" in str(w.message) for w in recwarn) == 2  # the waypoint and the step file
-    recwarn.clear()
-    assert same(buf.timestep(0, 3), by_hand(0, 3))
-    assert not [w for w in recwarn if "pre-1.6" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # each warning counted, whatever was warned before in this process
+        buf = open_buffer(d, architecture=NAMES)
+    assert sum("pre-1.6 format" in str(w.message) for w in caught) == 2  # the waypoint and the step file
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert same(buf.timestep(0, 3), by_hand(0, 3))
+    assert not [w for w in caught if "pre-1.6" in str(w.message)]
+
+
+def test_one_pair_is_loaded_at_a_time_and_only_when_needed(store, monkeypatch):
+    from trajstore.legacy import loading
+
+    buf = open_buffer(store, architecture=NAMES)
+    loads, real_load = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda path, **kw: loads.append(path.name) or real_load(path, **kw))
+    for e, t in [(0, 1), (1, 3), (0, 4), (1, 0), (2, 1), (2, 3), (0, 1)]:
+        assert same(buf.timestep(e, t), by_hand(e, t))
+    pair = lambda n: [f"waypoint_buffer_{n}.pt", f"step_buffer_{n}.pt"]  # noqa: E731
+    assert loads == pair(0) + pair(1) + pair(0)
 
 
 def test_a_rewritten_pair_is_noticed(store):
-    """A same-count rewrite (other experts' numbers) of a file that is not loaded now is refused when read."""
+    """A same-count rewrite (other experts' numbers) of a file that is not loaded now is refused when read,
+    and keeps being refused (the failed load leaves no half-loaded pair behind)."""
     buf = open_buffer(store, architecture=NAMES)
     assert same(buf.timestep(2, 1), by_hand(2, 1))  # pair 1 loaded
     save_pair(store, 0, [2, 2])  # still two experts of the same shapes
+    for _ in range(2):
+        with pytest.raises(FormatError) as err:
+            buf.timestep(0, 1)
+        assert str(err.value).startswith(f"{store / 'waypoint_buffer_0.pt'}: the file changed")
+    assert same(buf.timestep(2, 3), by_hand(2, 3))  # the unchanged pair still reads
+
+
+def test_a_beta_edited_in_place_with_its_time_stamp_restored_is_refused_when_read(store):
+    """The stamp check cannot see an in-place edit that keeps size, inode and mtime: the betas of an
+    expert are validated again when it is first read, so a NaN still never reaches the numbers."""
+    import os
+
+    buf = open_buffer(store, architecture=NAMES)
+    assert same(buf.timestep(2, 1), by_hand(2, 1))  # pair 1 loaded, expert 0 never read
+    path = store / "step_buffer_0.pt"
+    st = os.stat(path)
+    bad = store.parent / "edit" / path.name  # the same name: torch's zip records are named after the file
+    bad.parent.mkdir()
+    torch.save([steps_with(0, lambda s: s[1][1].__setitem__(0, torch.tensor(float("nan")))), as_steps(BETAS[1])], bad)
+    assert bad.stat().st_size == st.st_size
+    with open(path, "r+b") as f:
+        f.write(bad.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(FormatError) as err:
-        buf.timestep(0, 1)
-    assert str(err.value).startswith(f"{store / 'waypoint_buffer_0.pt'}: the file changed")
+        buf.timestep(0, 3)
+    assert str(err.value) == (f"{path}: trajectory 0 of step_buffer_0.pt, piece 1, point 1 holds tensor(nan), "
+                              "expected finite scalar betas")
 
 
-def refusal(directory, exc=FormatError) -> str:
-    """The message of opening `directory` and reading every expert in full, which must fail with `exc`."""
+def refusal(directory, exc=FormatError, when="opened") -> str:
+    """The message of opening `directory` (when="opened") or of reading every expert in full after opening
+    it (when="read"), which must fail with `exc`."""
+    buf = None
     with pytest.raises(exc) as err:
         buf = open_buffer(directory, architecture=NAMES)
         for e in range(buf.num_experts):
             buf.trajectory(e)
+    assert (buf is None) == (when == "opened"), f"refused when {'read' if buf else 'opened'}"
     assert type(err.value) is exc, repr(err.value)
     return str(err.value)
 
@@ -153,6 +197,9 @@ def steps_with(e, change):
 
 @pytest.mark.parametrize("name,change,message", [
     ("empty", lambda s: s.clear(), "trajectory 0 of step_buffer_0.pt is empty"),
+    ("point not a list", lambda s: s[1].__setitem__(2, 0.5),
+     "trajectory 0 of step_buffer_0.pt, piece 1, point 2 is a float, expected a list (the MTT layout: a list of "
+     "trajectories, each a list of timesteps, each a list of parameter tensors)"),
     ("one piece", lambda s: s.pop(), "trajectory 0 of step_buffer_0.pt has 1 piece(s) for 3 waypoints"),
     ("three pieces", lambda s: s.append(s[1]), "trajectory 0 of step_buffer_0.pt has 3 piece(s) for 3 waypoints"),
     ("not a list", lambda s: s.__setitem__(1, 7), "trajectory 0 of step_buffer_0.pt, piece 1 is a int, expected a list (the MTT layout: a list of trajectories, "
@@ -171,6 +218,14 @@ def test_bad_step_entries_are_refused_word_for_word(tmp_path, name, change, mess
     d = tmp_path / "bad"
     save_pair(d, 0, [0], steps=[steps_with(0, change)])
     assert refusal(d) == f"{d / 'step_buffer_0.pt'}: {message}"
+
+
+def test_a_trajectory_entry_that_is_not_a_list_is_refused(tmp_path):
+    d = tmp_path / "bad"
+    save_pair(d, 0, [0], steps=[7])
+    assert refusal(d) == (f"{d / 'step_buffer_0.pt'}: trajectory 0 of step_buffer_0.pt is a int, expected a list "
+                          "(the MTT layout: a list of trajectories, each a list of timesteps, each a list of "
+                          "parameter tensors)")
 
 
 def test_a_beta_tensor_of_two_values_is_refused(tmp_path):
