@@ -20,9 +20,9 @@ def mangled_names(source: str | None = None) -> list[str]:
     method (mutant names append `__mutmut_{n}`)."""
     tree = ast.parse(source if source is not None else (Path(__file__).resolve().parents[1] / PATH).read_text())
     names = [f"x_{node.name}" for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in TARGETS]
-    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):  # a class named: all its methods
         names += [f"x\u01c1{cls.name}\u01c1{node.name}" for node in cls.body
-                  if isinstance(node, ast.FunctionDef) and node.name in TARGETS]
+                  if isinstance(node, ast.FunctionDef) and (node.name in TARGETS or cls.name in TARGETS)]
     return names
 
 

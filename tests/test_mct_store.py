@@ -116,6 +116,20 @@ def test_two_waypoints_have_no_piece_level_and_betas_may_be_python_numbers(tmp_p
     assert buf.betas(0).tolist() == [[0, 0], [0.25, 0.5], [0.5, 0.75], [1, 1]]
 
 
+def test_pieces_of_two_points_are_fine(tmp_path):
+    """Waypoints at consecutive epochs: a piece holds just its two ends (both of its stored waypoints)."""
+    d = tmp_path / "short"
+    d.mkdir()
+    wps = [waypoint(0, 0), waypoint(0, 1), waypoint(0, 2)]
+    torch.save([wps], d / "waypoint_buffer_0.pt")
+    torch.save([[[[0.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [0.5, 0.25], [1.0, 1.0]]]], d / "step_buffer_0.pt")
+    buf = open_buffer(d, architecture=NAMES)
+    assert (buf.num_timesteps, buf.anchor_epochs) == (4, (0, 1, 3))
+    assert [same(buf.timestep(0, t), wps[k]) for t, k in ((0, 0), (1, 1), (3, 2))] == [True] * 3
+    assert same(buf.timestep(0, 2), [(x.double() + w * (y.double() - x.double())).float()
+                                      for x, y, w in zip(wps[1], wps[2], (0.5, 0.25))])
+
+
 def test_a_pre_zip_pair_warns_when_opened_and_reads_quietly(tmp_path):
     d = tmp_path / "old"
     save_pair(d, 0, [0], _use_new_zipfile_serialization=False)
@@ -278,6 +292,24 @@ def test_shapes_must_agree_across_trajectories_and_waypoints(tmp_path):
     torch.save(wps, d / "waypoint_buffer_0.pt")
     assert refusal(d, DegenerateTrajectoryError) == (f"{d / 'waypoint_buffer_0.pt'}: trajectory 1: waypoint 2 "
                                                      "differs in shape from waypoint 0")
+
+    d = tmp_path / "first"  # the first waypoint is the odd one out: measured against it, the others differ
+    d.mkdir()
+    wps = [waypoint(0, k) for k in range(3)]
+    wps[0] = [wps[0][0][:1], wps[0][1]]
+    torch.save([wps], d / "waypoint_buffer_0.pt")
+    torch.save([as_steps(BETAS[0])], d / "step_buffer_0.pt")
+    assert refusal(d, DegenerateTrajectoryError) == (f"{d / 'waypoint_buffer_0.pt'}: trajectory 0: waypoint 1 "
+                                                     "differs in shape from waypoint 0")
+
+    for k in (0, 2):
+        d = tmp_path / f"no tensor {k}"
+        d.mkdir()
+        wps = [waypoint(0, n) for n in range(3)]
+        wps[k] = [wps[k][0], "b"]
+        torch.save([wps], d / "waypoint_buffer_0.pt")
+        torch.save([as_steps(BETAS[0])], d / "step_buffer_0.pt")
+        assert refusal(d) == f"{d / 'waypoint_buffer_0.pt'}: trajectory 0, waypoint {k}, entry 1 is a str, not a tensor"
 
 
 def test_identical_waypoints_are_refused_when_read_and_a_repeat_is_not(tmp_path):
