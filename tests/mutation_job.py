@@ -2,6 +2,8 @@
 
     python tests/mutation_job.py beta /tmp/mut/beta          # prepare the copy, print the commands
     python tests/mutation_job.py beta /tmp/mut/beta --run    # ... and run mutmut there (niced)
+    python tests/mutation_job.py beta /tmp/mut/check --tests tests/test_beta.py --run NAME ...
+                                     # a fresh copy: the named mutants (patterns) against these tests only
 
 mutmut 3 (not a test dependency: `pip install "mutmut==3.8.1"` into a throwaway venv) imports the code and
 runs the test collection once, then forks a process per mutant that runs only the tests that reached the
@@ -64,8 +66,9 @@ def mutant_patterns(job: str) -> list[str]:
     return [f"{module}.{name}__mutmut_*" for name in mutation_lines.mangled_names()]
 
 
-def prepare(job: str, dest: Path) -> list[str]:
-    module, tests = JOBS[job]
+def prepare(job: str, dest: Path, tests: list[str] | None = None, names: list[str] | None = None) -> list[str]:
+    module, default_tests = JOBS[job]
+    tests = tests or default_tests
     scratch_copy(dest)
     config = (f'\n[tool.mutmut]\nsource_paths = ["trajstore"]\nonly_mutate = ["{module}"]\n'
               f"pytest_add_cli_args_test_selection = {tests!r}\n".replace("'", '"')
@@ -74,15 +77,17 @@ def prepare(job: str, dest: Path) -> list[str]:
               + "use_git_change_detection = false\n")
     with open(dest / "pyproject.toml", "a") as f:
         f.write(config)
-    return ["mutmut", "run", "--max-children", "2", *mutant_patterns(job)]
+    return ["mutmut", "run", "--max-children", "2", *(names or mutant_patterns(job))]
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in JOBS:
         print(__doc__, file=sys.stderr)
         return 2
-    job, dest = argv[0], Path(argv[1]).resolve()
-    command = prepare(job, dest)
+    job, dest, rest = argv[0], Path(argv[1]).resolve(), argv[2:]
+    tests = rest[rest.index("--tests") + 1].split(",") if "--tests" in rest else None
+    names = [a for i, a in enumerate(rest) if not a.startswith("--") and (i == 0 or rest[i - 1] != "--tests")]
+    command = prepare(job, dest, tests, names)
     print(f"cd {dest} && nice -n 15 {shlex.join(command)}\n"
           f"cd {dest} && mutmut results; mutmut show <name>   # the survivors and their diffs")
     if "--run" in argv:

@@ -261,6 +261,20 @@ def test_pairs_that_do_not_fit_together_are_refused(tmp_path):
     save_pair(d, 0, [0, 1], steps=[as_steps(BETAS[0])])
     assert refusal(d) == f"{d / 'step_buffer_0.pt'}: holds 1 trajectories, its waypoint file waypoint_buffer_0.pt 2"
 
+    lists = "expected a list (the MTT layout: a list of trajectories, each a list of timesteps, each a list of " \
+            "parameter tensors)"
+    for name, waypoints, steps, bad, message in [
+            ("no waypoints", [], [as_steps(BETAS[0])], "waypoint_buffer_0.pt", "holds no trajectories (an empty list)"),
+            ("no steps", [[waypoint(0, k) for k in range(3)]], [], "step_buffer_0.pt",
+             "holds no trajectories (an empty list)"),
+            ("a tensor", [torch.zeros(3)], [as_steps(BETAS[0])], "waypoint_buffer_0.pt",
+             f"trajectory 0 is a Tensor, {lists}")]:
+        d = tmp_path / name
+        d.mkdir()
+        torch.save(waypoints, d / "waypoint_buffer_0.pt")
+        torch.save(steps, d / "step_buffer_0.pt")
+        assert refusal(d) == f"{d / bad}: {message}"
+
     d = tmp_path / "lonely"
     d.mkdir()
     torch.save([[waypoint(0, 0)]], d / "waypoint_buffer_0.pt")
@@ -332,3 +346,18 @@ def test_identical_waypoints_are_refused_when_read_and_a_repeat_is_not(tmp_path)
     torch.save([as_steps(BETAS[0])], d / "step_buffer_0.pt")
     buf = open_buffer(d, architecture=NAMES)
     assert same(buf.timestep(0, 1), wps[0]) and same(buf.timestep(0, 5), wps[2])
+
+
+def test_tensors_are_named_from_the_directory_or_the_shapes_and_a_wrong_name_list_is_refused(tmp_path, legacy_layers):
+    from helpers import random_walk
+    from test_legacy import mct_store
+
+    traj = random_walk(legacy_layers, 5)
+    for name, source in (("ConvNetW4", "directory name"), ("mct", "inferred from shapes")):
+        mct_store(tmp_path / name, [traj], (0, 2, 4))
+        buf = open_buffer(tmp_path / name)
+        assert [layer.name for layer in buf.layers] == [n for n, _ in legacy_layers]
+        assert buf.architecture["source"] == source and buf.architecture["depth"] == 3
+    with pytest.raises(FormatError) as err:
+        open_buffer(tmp_path / "mct", architecture=["a", "b"])
+    assert str(err.value).startswith(f"{tmp_path / 'mct'}: ")
