@@ -20,6 +20,7 @@ and the classifier are PyTorch's own, whose autograd skips the outputs the calle
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,111 @@ def avg_pool2(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2 or x.shape[-2] % 2:
         return F.avg_pool2d(x, 2)
     return _Pool2.apply(x)
+
+
+# Convolutions with fewer input channels than this run on PyTorch's own im2col + GEMM instead of oneDNN
+# (which loses on the first layer's 3 image channels); weight gradients are oneDNN's either way. 0 (off):
+# a run then gave last-bit different images in and out of a pytest process (tests/test_run.py's resume).
+_FEW_CHANNELS = 0
+
+
+@contextmanager
+def _backend(in_channels: int):
+    # torch.backends.mkldnn.enabled, not mkldnn.flags(): flags() also sets TF32 and warns about it
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = before and in_channels >= _FEW_CHANNELS
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _engine_needs(ctx, i: int) -> bool:
+    """Whether the running backward pass uses input i's gradient: a custom Function's needs_input_grad
+    only says the input requires grad, and a student step's gradient w.r.t. theta never needs the
+    images' (the first convolution's input gradient, computed and dropped, would cost a convolution)."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # a leaf under autograd.grad, or an older torch: assume needed
+        return True
+
+
+def _conv(x, weight, padding):
+    with _backend(x.shape[1]):
+        return F.conv2d(x, weight, None, 1, padding)
+
+
+def _conv_input_grad(gy, weight, padding):
+    with _backend(weight.shape[1]):
+        return F.conv_transpose2d(gy, weight, None, 1, padding)
+
+
+def _conv_weight_grad(x, gy, weight, padding):
+    return torch.ops.aten.convolution_backward(gy, x, weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+
+
+class _Conv(Function):
+    """conv2d (stride 1, no dilation or groups) whose backward is made of _ConvInputGrad and
+    _ConvWeightGrad, so that its second derivatives are plain convolutions and weight gradients too
+    (PyTorch's double backward computes the weight term as a convolution of batch-transposed tensors,
+    slower than a weight gradient) and each runs on the faster backend for its channel count."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(x, weight)
+        with _backend(x.shape[1]):
+            return F.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = _ConvInputGrad.apply(gy, weight, ctx.padding) if _engine_needs(ctx, 0) else None
+        gw = _ConvWeightGrad.apply(x, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
+        gb = gy.sum((0, 2, 3)) if _engine_needs(ctx, 2) else None
+        return gx, gw, gb, None
+
+
+class _ConvInputGrad(Function):
+    @staticmethod
+    def forward(ctx, gy, weight, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(gy, weight)
+        return _conv_input_grad(gy, weight, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx):
+        gy, weight = ctx.saved_tensors
+        d_gy = _conv(ggx, weight, ctx.padding) if _engine_needs(ctx, 0) else None
+        d_weight = _conv_weight_grad(ggx, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
+        return d_gy, d_weight, None
+
+
+class _ConvWeightGrad(Function):
+    @staticmethod
+    def forward(ctx, x, gy, weight, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(x, gy)
+        return _conv_weight_grad(x, gy, weight, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggw):
+        x, gy = ctx.saved_tensors
+        d_x = _conv_input_grad(gy, ggw, ctx.padding) if _engine_needs(ctx, 0) else None
+        d_gy = _conv(x, ggw, ctx.padding) if _engine_needs(ctx, 1) else None
+        return d_x, d_gy, None, None
+
+
+def conv2d(x, weight, bias, padding):
+    return _Conv.apply(x, weight, bias, padding)
 
 
 def _instance_dims(y: torch.Tensor) -> tuple[int, int, int]:
@@ -168,7 +274,8 @@ def convnet_forward(net: nn.Module) -> Callable | None:
     steps = []
     for index, module in enumerate(net.features):
         prefix = f"features.{index}."
-        if type(module) is nn.Conv2d:
+        if (type(module) is nn.Conv2d and module.stride == (1, 1) and module.dilation == (1, 1)
+                and module.groups == 1 and module.padding_mode == "zeros" and module.bias is not None):
             steps.append(("conv", prefix, module))
         elif type(module) is nn.GroupNorm and module.num_groups == module.num_channels and module.affine:
             steps.append(("instancenorm", prefix, module))
@@ -183,8 +290,7 @@ def convnet_forward(net: nn.Module) -> Callable | None:
     def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         for kind, prefix, m in steps:
             if kind == "conv":
-                x = F.conv2d(x, params[prefix + "weight"], params[prefix + "bias"], m.stride, m.padding,
-                             m.dilation, m.groups)
+                x = conv2d(x, params[prefix + "weight"], params[prefix + "bias"], list(m.padding))
             elif kind == "instancenorm":
                 x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps)
             elif kind == "relu":
