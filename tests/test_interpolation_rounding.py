@@ -93,3 +93,30 @@ def test_lerp_layers_gives_each_layer_its_own_weight(name):
         for i, (a, b, w) in enumerate(zip(xs, ys, ws)):
             assert got[i].dtype == DTYPES[name] and fractions(got[i]) == exact(a, b, w, name), (ws, i)
     assert torch.equal(x, values(name)[0]) and torch.equal(y, values(name)[1])  # inputs left alone
+
+
+@pytest.mark.parametrize("name", ["F64", "F32", "F16"])
+def test_the_flat_cpu_form_rounds_each_layer_like_the_spec(name):
+    """reader._FlatLerp, what Expert.at(flat=True) runs on the CPU: big layers (a multiply of their own),
+    runs of small ones (one multiply, a factor per value), an empty layer; per layer a weight below, at
+    and above 0.5 (at 0.5 the spec's y - 0.5 (y - x) and x + 0.5 (y - x) differ where y - x rounds).
+    The reference is tests/spec_reader.py's numpy §7, itself checked against Fractions."""
+    import spec_reader
+
+    big = reader._FlatLerp.BIG
+    numels = [3, 0, big, 7, 1, big + 5, 2, 40]
+    bounds = np.cumsum([0, *numels])
+    x, y = values(name, int(bounds[-1]))
+    x, y = x.numpy(), y.numpy()
+    flat = reader._FlatLerp(numels)
+    d_parts = flat.split(np.subtract(y, x))
+    for ws in ([0.5, 0.3, 0.5, 0.7, 0.5, 0.5, 0.25, 0.999], [0.0, 1.0, 0.1234567, 0.5, 0.75, 0.4999999, 1.0, 0.5],
+               [0.5] * 8, [0.2] * 8, [0.8] * 8):
+        out = np.full_like(x, 7.0)
+        flat(x, y, d_parts, ws, out, flat.split(out))
+        for layer, w in enumerate(ws):
+            a, b = bounds[layer], bounds[layer + 1]
+            want = spec_reader.lerp(x[a:b], y[a:b], w, name)
+            bits = {8: np.uint64, 4: np.uint32, 2: np.uint16}[x.itemsize]  # signed zeros too
+            assert out.dtype == x.dtype and np.array_equal(out[a:b].view(bits), want.astype(x.dtype).view(bits)), \
+                (ws, layer)
