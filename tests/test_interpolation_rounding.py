@@ -2,12 +2,14 @@
 the weight rounded once to the layer dtype, then y - x, the product and the sum each rounded, ties to
 even. The reference is `fractions.Fraction` (test_conformance.exact_round / exact_lerp), nothing of
 trajstore; the weights include ties, values below each dtype's smallest normal and both sides of 0.5.
-Small and fast: the interpolation's mutation job runs it per mutant (docs/mutation-testing.md)."""
+Also the flat CPU form against tests/spec_reader.py and Expert.at's refusals. Small and fast: the
+interpolation's mutation job runs it per mutant (docs/mutation-testing.md)."""
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +122,28 @@ def test_the_flat_cpu_form_rounds_each_layer_like_the_spec(name):
             bits = {8: np.uint64, 4: np.uint32, 2: np.uint16}[x.itemsize]  # signed zeros too
             assert out.dtype == x.dtype and np.array_equal(out[a:b].view(bits), want.astype(x.dtype).view(bits)), \
                 (ws, layer)
+
+
+def test_at_refuses_bad_arguments_naming_the_store():
+    """Expert.at's refusals, word for word: each names the store and what was wrong."""
+    import trajstore
+
+    golden = Path(__file__).parent / "data" / "golden" / "f32.ctraj"
+    e = trajstore.open(golden).expert(0)
+    where = f"{golden}: "
+    for kwargs, exc, message in [
+            (dict(c=8.5), trajstore.OutOfRangeError, "position c=8.5 is outside [0, 8]"),
+            (dict(c=-1), trajstore.OutOfRangeError, "position c=-1.0 is outside [0, 8]"),
+            (dict(c=0.5, device="nonsense"), trajstore.TrajstoreError, "device='nonsense' is not a torch device ("),
+            (dict(c=0.5, dtype=torch.int32), trajstore.TrajstoreError,
+             "dtype=torch.int32 is not supported; use one of torch.float64, torch.float32, torch.float16, "
+             "torch.bfloat16 (or None for the stored dtype)"),
+            (dict(c=0.5, out=torch.zeros(3)), trajstore.TrajstoreError,
+             "out= takes a torch.Tensor, and only with flat=True (got Tensor)"),
+            (dict(c=0.5, flat=True, out=torch.zeros(3)), trajstore.TrajstoreError,
+             "out must be a torch.float32 vector of 362 values on cpu")]:
+        c = kwargs.pop("c")
+        with pytest.raises(exc) as err:
+            e.at(c, **kwargs)
+        assert str(err.value).startswith(where + message), str(err.value)
+        assert err.value.path == str(golden)
