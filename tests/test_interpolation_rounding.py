@@ -140,6 +140,8 @@ def test_at_refuses_bad_arguments_naming_the_store():
              "torch.bfloat16 (or None for the stored dtype)"),
             (dict(c=0.5, out=torch.zeros(3)), trajstore.TrajstoreError,
              "out= takes a torch.Tensor, and only with flat=True (got Tensor)"),
+            (dict(c=0.5, flat=True, out=[0.0] * 362), trajstore.TrajstoreError,
+             "out= takes a torch.Tensor, and only with flat=True (got list)"),
             (dict(c=0.5, flat=True, out=torch.zeros(3)), trajstore.TrajstoreError,
              "out must be a torch.float32 vector of 362 values on cpu")]:
         c = kwargs.pop("c")
@@ -147,3 +149,19 @@ def test_at_refuses_bad_arguments_naming_the_store():
             e.at(c, **kwargs)
         assert str(err.value).startswith(where + message), str(err.value)
         assert err.value.path == str(golden)
+
+
+def test_a_flat_vector_of_mixed_dtype_layers_needs_a_dtype(tmp_path):
+    import trajstore
+
+    path = tmp_path / "mixed.ctraj"
+    with trajstore.create(path, [("a", (3,), "F32"), ("b", (2,), "F16")], 3) as w:  # both move linearly
+        w.write_expert([[torch.tensor([0.0, 1.0, 2.0]) * (t + 1), torch.tensor([1.0, 2.0], dtype=torch.float16) * (t + 1)]
+                        for t in range(3)])
+    e = trajstore.open(path).expert(0)
+    with pytest.raises(trajstore.TrajstoreError) as err:
+        e.at(0.5, flat=True)
+    assert str(err.value) == f"{path}: layers have different dtypes; pass dtype= for a flat vector"
+    # equal steps: beta(1) = 1/2, so c = 0.5 is a quarter of the way from theta(0) to theta(2) = 3 theta(0)
+    got = e.at(0.5, flat=True, dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.tolist() == [0.0, 1.5, 3.0, 1.5, 3.0]
