@@ -30,7 +30,7 @@ from trajstore.legacy import loading as legacy_loading, validation as legacy_val
 
 from . import distributed
 from .augment import seeded_dsa, strategy_operations
-from .batched import NetStack, stackable
+from .batched import stackable, trained_at_once
 from .data import Dataset, load_dataset
 from .defaults import EXPERTS
 from .networks import build_spec, config_for
@@ -186,7 +186,7 @@ def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w
             nets.append(make_net().to(dev))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
-    stack = NetStack(nets)
+    stack = trained_at_once(nets, dev)
     del nets
     optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     records = [{"seed": s, "device": str(dev), "batch_experts": len(group), "train_acc": [], "test_acc": [],
