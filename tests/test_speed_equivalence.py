@@ -50,52 +50,6 @@ def test_flat_points_with_reused_and_alternating_out_buffers(tmp_path):
                            torch.cat([t.reshape(-1) for t in trajs[0][epoch]]))
 
 
-# Layers on both sides of _FlatLerp.BIG (own multiply vs a per-value factor), an empty stretch of small layers
-# between big ones, and drifts of different sizes so that at one c some layers read from x and others from y.
-MIXED_LAYERS = [("big", (70, 80)), ("tiny", (3,)), ("edge", (4096,)), ("mid", (1000,)), ("bias", (7,)),
-                ("big2", (64, 80)), ("last", (2,))]
-
-
-def _mixed_trajectory():
-    g = torch.Generator().manual_seed(5)
-    steps = [torch.linspace(0.2, 3.0, 8) ** p for p in (1, 3, 0.5, 2, 1, 4, 0.3)]  # per layer, unequal steps
-    traj, params = [], [torch.randn(s, generator=g) for _, s in MIXED_LAYERS]
-    for t in range(9):
-        traj.append([p.clone() for p in params])
-        if t < 8:
-            params = [p + steps[i][t] * 0.01 * torch.randn(p.shape, generator=g) for i, p in enumerate(params)]
-    for layer in range(len(MIXED_LAYERS)):  # -0.0 in the last anchor where the one before is negative: at
-        neg = traj[4][layer].reshape(-1) < 0  # c = K, y - 0*d is -0.0 while y + (+0)*d would be +0.0
-        traj[8][layer].reshape(-1)[neg.nonzero()[:2, 0]] = -0.0
-    return traj
-
-
-@pytest.mark.parametrize("stored,as_dtype", [(torch.float32, None), (torch.float32, torch.float16),
-                                             (torch.float32, torch.float64), (torch.float16, None),
-                                             (torch.bfloat16, torch.float32), (torch.bfloat16, None)])
-def test_flat_vectors_are_the_spec_lerp_across_big_and_small_layers(tmp_path, stored, as_dtype):
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    want_dtype = names[as_dtype or stored]
-    traj = [[t.to(stored) for t in step] for step in _mixed_trajectory()]
-    layers = [(n, s, stored) for n, s in MIXED_LAYERS]
-    e = trajstore.open(write_store(tmp_path / "m.ctraj", [traj], layers=layers, waypoints=(4,))).expert(0)
-    carry = {torch.bfloat16: torch.float32}.get(stored, stored)  # numpy has no bfloat16: its values in float32
-    raw = [[spec_reader.rnd(t.to(carry).numpy(), want_dtype) for t in step] for step in traj]
-    epochs, sides = list(e.anchor_epochs), set()
-    out = torch.empty(e._s.num_params, dtype=as_dtype or stored)
-    for c in [0.0, 2.0, 4.0, 8.0, 3.999, 7.25, *np.random.default_rng(1).uniform(0, 8, 40)]:
-        j, w = spec_reader.weights(e.beta, epochs, float(c))  # the stored betas, weighed by the spec reader
-        want = np.concatenate([spec_reader.to_bits(spec_reader.lerp(raw[epochs[j]][i], raw[epochs[j + 1]][i],
-                                                                    float(w[i]), want_dtype), want_dtype).reshape(-1)
-                               for i in range(len(MIXED_LAYERS))])
-        sides.add(tuple(w < 0.5))
-        for got in (e.at(float(c), flat=True, dtype=as_dtype), e.at(float(c), flat=True, dtype=as_dtype, out=out),
-                    torch.cat([v.reshape(-1) for v in e.at(float(c), dtype=as_dtype).values()])):
-            bits = got.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]).numpy()
-            assert np.array_equal(bits.view(want.dtype), want), f"c={c}"
-    assert any(len(set(s)) == 2 for s in sides)  # some c had layers on both sides of w = 0.5
-
-
 # -- networks trained together ---------------------------------------------------------------------
 
 from trajstore.distill.augment import seeded_dsa  # noqa: E402
