@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,6 +30,7 @@ from trajstore.cli.options import no_log
 from trajstore.distill import claims as claims_module
 from trajstore.distill.claims import Claims
 from trajstore.distill.experts import train_experts
+from trajstore.distill.run import open_experts
 from trajstore.stores.location import open_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,6 +216,12 @@ def test_pack_and_unpack_with_urls_on_both_sides(remote, legacy_buffer, tmp_path
     assert {p: fs.info(p)["size"] for p in fs.find(src)} == before  # the source untouched
     again = run("pack", src, f"{root}/full.zarr", "--quiet", *options, ok=False)
     assert again.exit_code == 1 and "already exists" in again.output
+    # classic MTT distills from the archive at the URL: expert 3's timesteps 2 and 2 + M, bit for bit
+    experts = open_experts(f"{root}/full.zarr", storage_options=_python(options))
+    assert experts.method == "mtt" and experts.path == f"{root}/full.zarr"
+    start, target, info = experts.source.sample(np.random.default_rng(0), 3, 2, expert=3)
+    flat = [torch.cat([p.reshape(-1) for p in trajs[3][t]]) for t in (int(info.start), int(info.start) + 2)]
+    assert torch.equal(start, flat[0]) and torch.equal(target, flat[1])
 
 
 def _python(cli_options: list[str]) -> dict:
