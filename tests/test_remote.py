@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import trajstore
-from helpers import SMALL_LAYERS, random_walk, write_store
+from helpers import SMALL_LAYERS, random_walk, run_until_killed, write_store
 from trajstore.stores.location import locate, open_store, parse_storage_options
 from trajstore.stores.remote import FsspecStore
 from trajstore.tools.convert import open_source
@@ -94,6 +94,25 @@ def test_verify_on_a_remote_store_checks_every_checksum(backend, run):
     bad = run("verify", url, *backend.cli_options, ok=False)
     assert bad.exit_code == 1 and "sha256 mismatch" in bad.output and "000001/step_norms/c/0/0" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_verify_fetches_every_anchor_again_and_names_a_flipped_one(backend, tmp_path, run):
+    """A byte of an anchor flipped on the server after a good copy reached the disk cache: verify
+    reads the server's bytes, not the cache's, and fails with one line naming the file."""
+    url = backend.url("flip.ctraj")
+    write_store(url, [random_walk(seed=s) for s in range(2)], waypoints=(4,), storage_options=backend.options)
+    store = trajstore.open(url, storage_options=backend.options, cache_dir=tmp_path / "cache")
+    store.expert(1).window(1.0, 2.0)  # anchors 0 and 4 of expert 1, now in the disk cache
+    anchor = f"{backend.path('flip.ctraj')}/experts/000001/anchor_0004.safetensors"
+    data = bytearray(backend.fs.cat_file(anchor))
+    data[len(data) // 2] ^= 0x10  # inside the tensor data: still a readable safetensors file
+    backend.fs.pipe_file(anchor, bytes(data))
+    with pytest.raises(trajstore.ChecksumError, match="000001/anchor_0004.safetensors"):
+        store.verify()
+    bad = run("verify", url, "--quiet", *backend.cli_options, ok=False)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    assert "sha256 mismatch" in bad.output and "experts/000001/anchor_0004.safetensors" in bad.output
 
 
 class Counting(FsspecStore):
@@ -258,6 +277,92 @@ def test_interrupted_write_leaves_nothing_that_opens(backend):
     store.verify()
 
 
+def _keys(backend, name: str) -> list[str]:
+    root = backend.path(name)
+    return sorted(p[len(root) + 1:] for p in backend.fs.find(root))
+
+
+def _flat(traj, t):
+    return torch.cat([x.reshape(-1) for x in traj[t]])
+
+
+def test_replace_keeps_the_old_store_whole_until_close(backend, tmp_path):
+    """overwrite=True: until the new store is closed, readers open the old one, whole and verified;
+    on close they open the new one, and the old one's keys are gone."""
+    url = backend.url("replaced.ctraj")
+    old = [random_walk(seed=s) for s in range(2)]
+    write_store(url, old, waypoints=(4,), storage_options=backend.options)
+    new = [random_walk(seed=10 + s) for s in range(3)]
+    w = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), overwrite=True, storage_options=backend.options)
+    for traj in new[:2]:
+        w.write_expert(traj)
+    during = trajstore.open(url, storage_options=backend.options, cache_dir=tmp_path / "c1")
+    assert during.num_experts == 2
+    during.verify()
+    for i in range(2):
+        assert torch.equal(during.expert(i).at(4.0, flat=True), _flat(old[i], 4))
+    w.write_expert(new[2])
+    w.close()
+    after = trajstore.open(url, storage_options=backend.options, cache_dir=tmp_path / "c2")
+    assert after.num_experts == 3
+    after.verify()
+    for i in range(3):
+        assert torch.equal(after.expert(i).at(10.0, flat=True), _flat(new[i], 10))
+    groups = {k.split("/", 1)[0] for k in _keys(backend, "replaced.ctraj")} - {"zarr.json"}
+    if backend.name == "file":  # a local path: built beside it and renamed into place
+        assert groups == {"experts"}
+    else:  # no rename: one new experts group, named by the root; the old group is deleted
+        assert len(groups) == 1 and groups != {"experts"}
+        assert groups == {after.meta.experts_group}
+    # replacing again (and appending to the result) keeps working under whatever group the root names
+    write_store(url, old[:1], waypoints=(4,), overwrite=True, storage_options=backend.options)
+    write_store(url, old[1:], waypoints=(4,), append=True, storage_options=backend.options)
+    again = trajstore.open(url, storage_options=backend.options, cache_dir=tmp_path / "c3")
+    assert again.num_experts == 2 and torch.equal(again.expert(1).at(4.0, flat=True), _flat(old[1], 4))
+    again.verify()
+    assert len({k.split("/", 1)[0] for k in _keys(backend, "replaced.ctraj")} - {"zarr.json"}) == 1
+
+
+REPLACE_UNTIL_KILLED = textwrap.dedent("""
+    import json
+    import trajstore
+    from helpers import SMALL_LAYERS, random_walk
+    url, options = {url!r}, json.loads({options!r})
+    w = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), overwrite=True, storage_options=options)
+    w.write_expert(random_walk(seed=20))
+    # the second expert dies after its files are written, before its manifest publishes it
+    type(w._store).publish = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    w.write_expert(random_walk(seed=21))
+""")
+
+
+def test_killed_replace_leaves_the_old_store_valid(backend, tmp_path):
+    """A replacing writer SIGKILLed mid-expert (a real process on S3 and file://; on memory://, which
+    one process holds, a writer abandoned at the same point): the old store opens, whole."""
+    url = backend.url("kept.ctraj")
+    old = [random_walk(seed=s) for s in range(2)]
+    write_store(url, old, waypoints=(4,), storage_options=backend.options)
+    before = _keys(backend, "kept.ctraj")
+    if backend.name == "memory":
+        w = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), overwrite=True, storage_options=backend.options)
+        w.write_expert(random_walk(seed=20))
+        w._store.write_bytes(f"{w.meta.experts_group}/000001/anchor_0000.safetensors", b"half an expert")
+    else:
+        run_until_killed(REPLACE_UNTIL_KILLED.format(url=url, options=json.dumps(backend.options)))
+    store = trajstore.open(url, storage_options=backend.options, cache_dir=tmp_path / "c")
+    assert store.num_experts == 2
+    store.verify()
+    for i in range(2):
+        assert torch.equal(store.expert(i).at(10.0, flat=True), _flat(old[i], 10))
+    if backend.name != "file":  # the killed writer got as far as a published expert, under keys no root names
+        left = sorted(set(_keys(backend, "kept.ctraj")) - set(before))
+        assert any(k.endswith("/000000/zarr.json") for k in left) and not any(k.startswith("experts/") for k in left)
+    write_store(url, old[:1], waypoints=(4,), overwrite=True, storage_options=backend.options)  # a later replace
+    assert trajstore.open(url, storage_options=backend.options).num_experts == 1
+    if backend.name != "file":  # ... removes what the killed one left
+        assert len({k.split("/", 1)[0] for k in _keys(backend, "kept.ctraj")} - {"zarr.json"}) == 1
+
+
 def test_single_file_form_at_a_url(backend):
     url = backend.url("one.ctraj")
     trajs = [random_walk(seed=s) for s in range(2)]
@@ -268,6 +373,12 @@ def test_single_file_form_at_a_url(backend):
     store.verify()
     with pytest.raises(trajstore.ExistsError):
         write_store(url, trajs, single_file=True, storage_options=backend.options)
+    write_store(url, trajs[:1], single_file=True, overwrite=True, storage_options=backend.options)  # one PUT
+    assert trajstore.open(url, storage_options=backend.options).num_experts == 1
+    if backend.name != "file":  # a change of form cannot switch in one step at a URL: refused, nothing touched
+        with pytest.raises(trajstore.ExistsError, match="holds a single-file .ctraj.*same form"):
+            write_store(url, trajs, overwrite=True, storage_options=backend.options)
+        assert trajstore.open(url, storage_options=backend.options).num_experts == 1
 
 
 def test_pack_unpack_at_a_url(backend, legacy_buffer, tmp_path, run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,17 +19,24 @@ FORMAT_NAME = "ctraj"
 FORMAT_VERSION = 2  # 2: the root records the experts and its own sha256 (docs/format.md §9)
 
 ROOT_META = "zarr.json"
-EXPERTS = "experts"
+EXPERTS = "experts"  # the experts group; a root may name another one, `experts.<hex>` (docs/format.md §2, §8)
 BETA = "beta"
 STEP_NORMS = "step_norms"
 
 
 CANONICAL_ID = re.compile(r"[0-9]{6,}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+EXPERTS_GROUP = re.compile(r"experts(\.[0-9a-f]{16})?")
 
 
-def expert_dir(expert_id: int) -> str:
-    return f"{EXPERTS}/{expert_id:06d}"
+def expert_dir(expert_id: int, group: str = EXPERTS) -> str:
+    return f"{group}/{expert_id:06d}"
+
+
+def fresh_experts_group() -> str:
+    """A new experts group name, for a replacement written beside the tree it replaces on a store
+    without rename: the old tree stays readable under its keys until the root names the new group."""
+    return f"{EXPERTS}.{uuid.uuid4().hex[:16]}"
 
 
 def expert_id_of(name: str) -> int | None:
@@ -81,6 +89,7 @@ class StoreMeta:
     # expert directory name -> sha256 of its zarr.json, as of the last close; None in a version-1 store
     experts: dict[str, str] | None = None
     version: int = FORMAT_VERSION
+    experts_group: str = EXPERTS  # where the expert groups live (another name only after a remote replace)
 
     def to_attributes(self) -> dict[str, Any]:
         return {"trajstore": {
@@ -96,6 +105,8 @@ class StoreMeta:
             "architecture": self.architecture,
             "training": self.training,
             "provenance": self.provenance,
+            # written only when it is not the default, so every other root stays as it was
+            **({"experts_group": self.experts_group} if self.experts_group != EXPERTS else {}),
         }}
 
     def encode(self) -> bytes:
@@ -146,7 +157,8 @@ class StoreMeta:
         return cls(layers=layers, num_timesteps=meta["num_timesteps"], anchor_epochs=epochs,
                    smoothing=meta.get("smoothing"), architecture=meta.get("architecture"),
                    training=meta.get("training") or {}, provenance=meta.get("provenance") or {},
-                   complete=meta["complete"], experts=experts, version=version)
+                   complete=meta["complete"], experts=experts, version=version,
+                   experts_group=meta.get("experts_group") or EXPERTS)
 
 
 # key -> (check, what it must be) for the root metadata; optional keys may also be absent or null
@@ -161,6 +173,9 @@ _OPTIONAL_KEYS: dict[str, tuple] = {
     "architecture": (lambda v: isinstance(v, dict), "an object"),
     "training": (lambda v: isinstance(v, dict), "an object"),
     "provenance": (lambda v: isinstance(v, dict), "an object"),
+    # a key the store builds: never a path that leaves the store
+    "experts_group": (lambda v: isinstance(v, str) and EXPERTS_GROUP.fullmatch(v) is not None,
+                      "'experts' or 'experts.' and 16 lowercase hex digits"),
 }
 
 

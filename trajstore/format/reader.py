@@ -17,7 +17,7 @@ from .arrays import check_beta, check_step_norms, decode_array
 from .beta import locate, piece_weights
 from ..errors import FormatError, IndexTypeError, OutOfRangeError, TrajstoreError, os_errors
 from .layers import DTYPE_NAMES
-from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, decode_manifest, expert_dir,
+from .layout import (BETA, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, decode_manifest, expert_dir,
                      expert_id_of)
 from ..stores.cache import DiskCache
 from ..stores.location import locate as locate_target, open_store
@@ -102,7 +102,7 @@ class Expert:
         self._s = store
         self.position = position
         self.id = expert_id
-        self._dir = expert_dir(expert_id)
+        self._dir = expert_dir(expert_id, store.meta.experts_group)
         self._files: dict[str, str] | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._provenance: dict = {}
@@ -152,17 +152,19 @@ class Expert:
             self._files = files
         return self._files
 
-    def _bytes(self, rel: str, mapped: bool = False):
+    def _bytes(self, rel: str, mapped: bool = False, fresh: bool = False):
+        """A file of the expert, checked against the manifest; `fresh`: from the store itself, never
+        from the disk cache, and checked whatever `verify_checksums` says (verify)."""
         files = self._manifest()
         key = f"{self._dir}/{rel}"
         where = self._s._describe(key)
         if rel not in files:
             raise FormatError("file is not listed in the expert's manifest", where)
         store = self._s._store
-        if mapped and store.remote:  # fetched once into the local disk cache, verified there
+        if mapped and store.remote and not fresh:  # fetched once into the local disk cache, verified there
             return self._s._disk_cache().get(str(files[rel]), lambda: store.read_bytes(key), where)
         data = store.mapped(key) if mapped else store.read_bytes(key)
-        if self._s.verify_checksums:
+        if self._s.verify_checksums or fresh:
             checksums.check(data, files[rel], where)
         return data
 
@@ -258,13 +260,14 @@ class Expert:
         for epoch in self.anchor_epochs:
             if anchor_name(epoch) not in files:
                 raise FormatError(f"anchor of epoch {epoch} is missing", self._s._describe(self._dir))
-        unlisted = sorted(set(self._s._store.files(self._dir)) - {f"{self._dir}/{rel}" for rel in files}
-                          - {f"{self._dir}/{ROOT_META}"})
+        store = self._s._store
+        found = store.files(self._dir) if store.listable else []  # https:// cannot look for extra files
+        unlisted = sorted(set(found) - {f"{self._dir}/{rel}" for rel in files} - {f"{self._dir}/{ROOT_META}"})
         if unlisted:  # §3: a reader refuses a file the manifest does not list
             raise FormatError("file is not listed in the expert's manifest (added or renamed after writing?)",
                               self._s._describe(unlisted[0]))
         for rel in files:
-            data = self._bytes(rel, mapped=True)
+            data = self._bytes(rel, mapped=True, fresh=True)
             if rel.endswith(".safetensors"):
                 anchorfile.decode(data, self._s.layers, self._s._describe(f"{self._dir}/{rel}"))
         self._arrays.clear()  # re-read both arrays: shapes and finiteness
@@ -294,7 +297,7 @@ class CTraj:
         self.num_params = sum(self._numels)
         self._uniform_dtype = len({layer.dtype for layer in meta.layers}) <= 1
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
-        self._ids, self.unlisted_ids = self._expert_ids()
+        self._ids, self._unlisted = self._expert_ids()
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = cache_bytes
@@ -305,22 +308,36 @@ class CTraj:
         return (f"<CTraj {self.path}: {self.num_experts} experts, {self.num_timesteps} timesteps, "
                 f"anchors {list(self.anchor_epochs)}, {len(self.layers)} layers>")
 
-    def _expert_ids(self) -> tuple[list[int], list[int]]:
-        """(the store's expert ids, ids of published experts the root does not list yet).
+    def _expert_ids(self) -> tuple[list[int], list[int] | None]:
+        """(the store's expert ids, ids of published experts the root does not list yet, or None: not
+        looked for yet).
 
         A version-2 root lists its experts as of the last close, so an expert deleted or renamed is an
         error, and one published since (an append in progress or interrupted) is not yet part of the
         store. Only canonical names count: "1" or digits of other scripts never alias expert 000001.
         """
-        present = {i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META)) if i is not None}
-        if self.meta.experts is None:  # version 1: whatever is there
+        group = self.meta.experts_group
+        listed = None if self.meta.experts is None else {expert_id_of(name) for name in self.meta.experts}
+        if listed is not None and self._store.remote:
+            # a remote reader never lists (https:// cannot): a missing expert shows when it is read,
+            # and the unlisted ones are looked for only when asked (verify, inspect)
+            return sorted(listed), None
+        present = {i for i in map(expert_id_of, self._store.groups_with(group, ROOT_META)) if i is not None}
+        if listed is None:  # version 1: whatever is there
             return sorted(present), []
-        listed = {expert_id_of(name) for name in self.meta.experts}
         missing = sorted(listed - present)
         if missing:
             raise FormatError("expert listed in the root metadata is missing (its zarr.json was deleted or renamed); "
-                              "restore it from a copy", self._describe(f"{expert_dir(missing[0])}/{ROOT_META}"))
+                              "restore it from a copy", self._describe(f"{expert_dir(missing[0], group)}/{ROOT_META}"))
         return sorted(listed), sorted(present - listed)
+
+    @property
+    def unlisted_ids(self) -> list[int]:
+        """Ids of experts published but not (yet) listed by the root: an append in progress or interrupted."""
+        if self._unlisted is None:  # a store that cannot list (https://) has none that can be found
+            names = self._store.groups_with(self.meta.experts_group, ROOT_META) if self._store.listable else []
+            self._unlisted = sorted({expert_id_of(n) for n in names} - set(self._ids) - {None})
+        return list(self._unlisted)
 
     def _describe(self, key: str):
         return self._store.describe(key)

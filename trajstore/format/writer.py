@@ -20,8 +20,8 @@ from .beta import (LEGACY_SMOOTHINGS, SMOOTHINGS, anchor_epochs_with, beta_from_
                    check_anchor_epochs, smooth_end, smooth_inner)
 from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError, os_errors
 from .layers import as_tensor_list, layer_table
-from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
-                     group_json)
+from .layout import (BETA, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
+                     fresh_experts_group, group_json)
 from .singlefile import publish_single_file
 
 
@@ -177,6 +177,8 @@ class Writer:
         self._replacing = False
         target = open_store(self._target, mode="w")
         target._writable()
+        if overwrite and self._target.remote and self._target.exists():
+            self._check_same_form()
         if single_file:
             if append:
                 raise TrajstoreError("a single-file .ctraj cannot be appended to; write the directory "
@@ -195,9 +197,11 @@ class Writer:
         elif self._target.exists() and not overwrite:
             hint = "" if target.exists(ROOT_META) else " (an unfinished write: pass append=True to resume)"
             raise ExistsError(f"already exists{hint}; pass overwrite=True / --force to replace it", self.path)
-        elif self._target.exists():
-            self._store = target.begin_build(replace=True)
+        elif self._target.exists():  # replace: the old store stays whole and readable until close
+            self._store = target.begin_build()
             self._replacing = True
+            if self._store.shares_keys:  # no rename: the new experts go where the old tree has none
+                self.meta.experts_group = fresh_experts_group()
             self._init_root()
         else:
             self._store = target
@@ -209,11 +213,20 @@ class Writer:
 
     # -- store level -------------------------------------------------------------------------
 
+    def _check_same_form(self) -> None:
+        """At a URL a store is replaced in one step only by one of the same form: a new root over the
+        old tree's keys, or one object over another (docs/format.md §8)."""
+        form, want = self._target.form, "file" if self.single_file else "directory"
+        if form != want:
+            held = {"file": "a single-file .ctraj", "directory": "a directory-form .ctraj"}.get(form, "no .ctraj")
+            raise ExistsError(f"holds {held}; at a URL only a store of the same form replaces it (it cannot "
+                              "switch in one step): delete it first or choose another URL", self.path)
+
     def _init_root(self) -> None:
         store = self._store
         if isinstance(store, DirectoryStore):
             store.root.mkdir(parents=True, exist_ok=True)
-        store.write_bytes(f"{EXPERTS}/{ROOT_META}", group_json())
+        store.write_bytes(f"{self.meta.experts_group}/{ROOT_META}", group_json())
         try:  # create-only: of writers starting one store at once, one writes the metadata
             store.create_bytes(ROOT_META, self.meta.encode())
         except ExistsError:
@@ -235,10 +248,12 @@ class Writer:
         self.meta.architecture = existing.architecture if existing.architecture is not None else self.meta.architecture
         self.meta.training = existing.training or self.meta.training
         self.meta.complete = existing.complete
+        self.meta.experts_group = existing.experts_group
 
     def existing_experts(self) -> list[int]:
         """Ids of the experts already complete in this store (for resuming)."""
-        return sorted(i for i in map(expert_id_of, self._store.groups_with(EXPERTS, ROOT_META)) if i is not None)
+        found = self._store.groups_with(self.meta.experts_group, ROOT_META)
+        return sorted(i for i in map(expert_id_of, found) if i is not None)
 
     def next_id(self) -> int:
         used = set(self.existing_experts()) | self._taken
@@ -269,7 +284,7 @@ class Writer:
         """Files first, the manifest last: the store publishes the expert in one step (a rename, or
         on an object store the create-only write of its manifest), so no reader sees part of it."""
         meta, store = self.meta, self._store
-        final = expert_dir(expert_id)
+        final = expert_dir(expert_id, meta.experts_group)
         if store.exists(f"{final}/{ROOT_META}"):
             raise ExistsError(f"expert {expert_id} already exists", self.path)
         staged = store.stage(final)
@@ -327,7 +342,7 @@ class Writer:
         while True:
             ids = self.existing_experts()
             names = [expert_dir(i).rsplit("/", 1)[-1] for i in ids]
-            self.meta.experts = {name: checksums.sha256(store.read_bytes(f"{EXPERTS}/{name}/{ROOT_META}"))
+            self.meta.experts = {name: checksums.sha256(store.read_bytes(f"{self.meta.experts_group}/{name}/{ROOT_META}"))
                                  for name in names}
             store.write_bytes(ROOT_META, self.meta.encode())
             if set(self.existing_experts()) <= set(ids):

@@ -26,6 +26,12 @@ class Store(ABC):
     remote = False
     #: False for stores that can only be read (a single-file zip, an https:// URL).
     writable = True
+    #: False where keys cannot be listed (https://): readers then go by the metadata alone.
+    listable = True
+    #: True for a build (`begin_build`) that writes among the keys of the tree it replaces (an object
+    #: store has no rename): its writer must use keys the old tree does not, and the root metadata,
+    #: written last, switches readers from the old tree to the new one.
+    shares_keys = False
 
     url: str  # what the user named, for messages
 
@@ -51,8 +57,9 @@ class Store(ABC):
         """Bytes [start, end) of a file, fetching no more than that where the backend allows."""
 
     def mapped(self, key: str):
-        """The whole file as a buffer torch can view without copying (a memory map where possible)."""
-        return memoryview(self.read_bytes(key))
+        """The whole file as a writable buffer torch can view without copying (a memory map where
+        possible; elsewhere the fetched bytes, which torch refuses to view read-only without a warning)."""
+        return memoryview(bytearray(self.read_bytes(key)))
 
     @abstractmethod
     def listdir(self, prefix: str) -> list[str]:
@@ -110,20 +117,18 @@ class Store(ABC):
     def discard(self, staged: str, final: str, manifest: str) -> None:
         """Remove what an unpublished group left at `staged`."""
 
-    def begin_build(self, replace: bool) -> "Store":
-        """A store to build a complete new tree in (replacing what is here if `replace`);
-        `finish_build` makes it the store at this location. Without rename, an object store builds
-        in place after removing the old tree, its root metadata first (so it stops opening at once)."""
-        if replace:
-            self.delete("")
-        return self
+    @abstractmethod
+    def begin_build(self) -> "Store":
+        """A store to build a complete new tree in, replacing what is here; the old tree stays whole
+        and readable until `finish_build` makes the new one the store at this location."""
 
+    @abstractmethod
     def finish_build(self, built: "Store") -> None:
-        """Make the tree built by `begin_build` the store at this location."""
+        """Make the tree built by `begin_build` the store at this location, then remove the old one."""
 
+    @abstractmethod
     def abandon_build(self, built: "Store") -> None:
-        """Give up a build: remove what was built."""
-        built.delete("")
+        """Give up a build: remove what was built; the old tree is untouched."""
 
     @abstractmethod
     def zarr_store(self, read_only: bool = True):

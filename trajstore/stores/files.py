@@ -119,16 +119,18 @@ class DirectoryStore(Store):
     def discard(self, staged: str, final: str, manifest: str) -> None:
         atomic.remove(self._path(staged))
 
-    def begin_build(self, replace: bool) -> "DirectoryStore":
+    def begin_build(self) -> "DirectoryStore":
         """A hidden sibling on the same filesystem, renamed into place when finished."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
         built = DirectoryStore(atomic.temp_sibling(self.root, "build"))
         built.root.mkdir()
-        self._replace = replace
         return built
 
     def finish_build(self, built: Store) -> None:
-        atomic.publish_dir(built.root, self.root, overwrite=self._replace)
+        atomic.publish_dir(built.root, self.root, overwrite=True)
+
+    def abandon_build(self, built: Store) -> None:
+        built.delete("")
 
     def zarr_store(self, read_only: bool = True):
         from zarr.storage import LocalStore
@@ -207,7 +209,7 @@ class ZipFileStore(Store):
     def mapped(self, key: str) -> memoryview:
         start, size = self._data_offset(key)
         if self._map is None:
-            return memoryview(self._raw(start, start + size))
+            return memoryview(bytearray(self._raw(start, start + size)))
         return memoryview(self._map)[start : start + size]
 
     def listdir(self, prefix: str) -> list[str]:
@@ -233,6 +235,7 @@ class ZipFileStore(Store):
                           "cannot be modified in place", self.url)
 
     write_bytes = create_bytes = delete = stage = publish = discard = _read_only
+    begin_build = finish_build = abandon_build = _read_only
 
     def zarr_store(self, read_only: bool = True):
         if self._fs is not None or not read_only:

@@ -125,28 +125,39 @@ class Location:
                 return f.read(n)
         return self.fs.cat_file(self.fs_path, start=0, end=n)
 
+    def _has_root(self) -> bool:
+        """A remote directory-form store or archive: its root zarr.json is there (one HEAD, no
+        listing: https:// has none, and an object store's "directory" is only a key prefix)."""
+        root = f"{self.fs_path.rstrip('/')}/{ROOT_KEY}"
+        try:
+            self.fs.invalidate_cache(root)  # others write here too: ask the backend
+            return self.fs.isfile(root)
+        except Exception as exc:
+            raise FormatError(f"cannot reach ({type(exc).__name__}: {exc})", self.url) from None
+
     @property
     def kind(self) -> str:
         """"ctraj", "archive", "legacy" (anything else a reader of legacy buffers judges) or "missing"."""
+        if self.path is None:  # by keys only: a listing of https:// is a web page, of S3 a key prefix
+            if self._has_root():
+                return "archive" if ARCHIVE_ATTRIBUTE in self._root_attributes() else "ctraj"
+            if not self.exists():
+                return "missing"
+            return "ctraj" if self.form == "file" else "legacy"
         if not self.exists():
             return "missing"
         if self.is_dir():
-            attrs = self._root_attributes()
-            if ARCHIVE_ATTRIBUTE in attrs:
+            if ARCHIVE_ATTRIBUTE in self._root_attributes():
                 return "archive"
-            if self.path is not None:
-                has_root = (self.path / ROOT_KEY).is_file()
-            else:
-                has_root = bool(attrs) or self.fs.isfile(f"{self.fs_path}/{ROOT_KEY}")
-            return "ctraj" if has_root else "legacy"
-        if self.form == "file":
-            return "ctraj"
-        return "legacy"
+            return "ctraj" if (self.path / ROOT_KEY).is_file() else "legacy"
+        return "ctraj" if self.form == "file" else "legacy"
 
     @property
     def form(self) -> str | None:
         """"directory", "file" (a zip holding a root zarr.json: the single-file .ctraj) or None."""
-        if self.is_dir():
+        if self.path is None and self._has_root():
+            return "directory"
+        if self.path is not None and self.is_dir():
             return "directory"
         try:
             if self._head(4) != ZIP_MAGIC:
@@ -209,9 +220,9 @@ def open_store(target, storage_options: dict | None = None, *, mode: str = "r") 
         return FsspecStore(loc.fs, loc.fs_path, loc.url)
     if mode != "r":
         raise TrajstoreError(f"mode must be 'r' or 'w', not {mode!r}")
-    if loc.is_dir():  # first: on an object store one listing answers both questions
-        if loc.path is not None:
-            return DirectoryStore(loc.path)
+    if loc.path is not None and loc.is_dir():
+        return DirectoryStore(loc.path)
+    if loc.path is None and loc._has_root():  # the root key, not a listing: https:// has none
         from .remote import FsspecStore
 
         return FsspecStore(loc.fs, loc.fs_path, loc.url)

@@ -30,7 +30,8 @@ class FsspecStore(Store):
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
-        self.writable = not set(_protocols(fs)) & set(READ_ONLY_PROTOCOLS)
+        # HTTP serves files by name: no writes, and no listing a reader could rely on
+        self.writable = self.listable = not set(_protocols(fs)) & set(READ_ONLY_PROTOCOLS)
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -142,12 +143,12 @@ class FsspecStore(Store):
     def delete(self, prefix: str) -> None:
         self._writable()
         if not prefix and self.fs.isfile(self.root):  # a single-file .ctraj at this URL
-            self.fs.rm_file(self.root)
-            return
-        keys = sorted(self._find(prefix)) if prefix == "" or not self.exists(prefix) else [prefix]
-        # the root metadata first: from then on nothing here opens as a store
-        keys.sort(key=lambda k: k != ROOT_KEY)
-        for key in keys:
+            self._remove([""])
+        self._remove(self._find(prefix) if prefix == "" or not self.exists(prefix) else [prefix])
+
+    def _remove(self, keys) -> None:
+        """Remove these keys, the root metadata first: from then on nothing here opens as a store."""
+        for key in sorted(keys, key=lambda k: (k != ROOT_KEY, k)):
             try:
                 self.fs.rm_file(self._path(key))
             except FileNotFoundError:
@@ -167,6 +168,21 @@ class FsspecStore(Store):
             fs = AsyncFileSystemWrapper(fs, asynchronous=True)
         return ZarrFsspecStore(fs, read_only=read_only, path=self.root)
 
+    # -- replacing a store: new keys, the root last (docs/format.md §8) ---------------------------
+
+    def begin_build(self) -> "FsspecBuild":
+        self._writable()
+        return FsspecBuild(self)
+
+    def finish_build(self, built: "FsspecBuild") -> None:
+        if built.root_doc is None:
+            raise TrajstoreError("the replacement has no root metadata; nothing was switched", self.url)
+        self.write_bytes(ROOT_KEY, built.root_doc)  # the switch: one PUT, all or nothing
+        self._remove([k for k in self._find("") if k != ROOT_KEY and k not in built.written])
+
+    def abandon_build(self, built: "FsspecBuild") -> None:
+        self._remove(built.written)
+
     def stage(self, final: str) -> str:
         return final  # no rename: files go straight to their keys; the manifest, last, publishes
 
@@ -177,3 +193,37 @@ class FsspecStore(Store):
         # An unpublished group is invisible; remove its files unless someone published it meanwhile.
         if not self.exists(f"{final}/{manifest}"):
             self.delete(staged)
+
+
+class FsspecBuild(FsspecStore):
+    """A replacement built among the keys of the store it replaces, since an object store cannot rename.
+
+    Its writer puts every group under keys the old tree does not use (a fresh experts group), so the
+    old tree stays whole and readable; the root metadata is held here until `finish_build` writes it,
+    last, in one PUT: readers switch from the old tree to the new one at that instant. An interrupted
+    replace leaves the old root, and only keys that no root names.
+    """
+
+    shares_keys = True
+
+    def __init__(self, target: FsspecStore):
+        super().__init__(target.fs, target.root, target.url)
+        self.root_doc: bytes | None = None
+        self.written: set[str] = set()  # every key this build wrote, kept by finish_build
+
+    def exists(self, key: str) -> bool:
+        return self.root_doc is not None if key == ROOT_KEY else super().exists(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        if key != ROOT_KEY:
+            return super().read_bytes(key)
+        if self.root_doc is None:
+            raise FormatError("file is missing", self.describe(key))
+        return self.root_doc
+
+    def _put(self, key: str, data: bytes, mode: str) -> None:
+        if key == ROOT_KEY:
+            self.root_doc = bytes(data)
+            return
+        self.written.add(key)
+        super()._put(key, data, mode)
