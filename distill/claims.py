@@ -24,8 +24,10 @@ import threading
 import time
 import uuid
 
+from collections.abc import Callable
+
 from trajstore.errors import ExistsError, FormatError
-from trajstore.format.layout import EXPERTS, ROOT_META, expert_dir
+from trajstore.format.layout import EXPERTS
 
 PREFIX = f"{EXPERTS}/.claims"
 HEARTBEAT_S = 20.0
@@ -47,10 +49,11 @@ def _alive(pid: int) -> bool:
 
 
 class Claims:
-    """This process's claims on experts of one store (a trajstore Store opened for writing)."""
+    """This process's claims on experts of one store (a trajstore Store opened for writing);
+    `published(i)` says whether expert i is in the store already (its writer knows where)."""
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, published: Callable[[int], bool]):
+        self.store, self.published = store, published
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self.held: dict[int, int] = {}  # expert -> generation
         self._lock = threading.Lock()
@@ -98,7 +101,7 @@ class Claims:
             with self._lock:
                 self.held[index] = generation
             # checked after claiming: an expert published (and released) just before is not trained again
-            if self.store.exists(f"{expert_dir(index)}/{ROOT_META}"):
+            if self.published(index):
                 self.release(index)
                 return False
             self._start()

@@ -118,7 +118,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
     with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
                           architecture=architecture,
                           training=training, provenance={"generator": "distill.experts"}, append=True,
-                          storage_options=storage_options) as w, _claiming(store) as claims:
+                          storage_options=storage_options) as w, \
+            _claiming(store, lambda i: i in w.existing_experts()) as claims:
         if group is not None and main:
             group.barrier()
         twin = _LegacyTwin(Path(legacy_dir)) if legacy_dir is not None else None
@@ -298,8 +299,8 @@ class _Queue:
 
 
 @contextlib.contextmanager
-def _claiming(store):
-    claims = Claims(store)
+def _claiming(store, published):
+    claims = Claims(store, published)
     try:
         yield claims
     finally:
