@@ -134,7 +134,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
         finished = found() if group is None else group.on_main(found)
         todo = [i for i in range(num_experts) if i not in set(finished)]
         queue = _Queue(todo, epochs, group)
-        left: list[int] = []  # experts another job was training (it holds their claims)
+        left = _Left(twin)  # experts another job was training (it holds their claims)
         say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev}"
             + (f" x {group.world_size} processes)" if group is not None else ")"))
         with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not (progress and main)) as bar:
@@ -147,7 +147,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                     if claims.acquire(i):
                         batch.append(i)
                     else:
-                        left.append(i)
+                        left.add(i)
                         queue.skip(bar)
                 if batch:
                     _train_together(batch, lambda: build_spec(config), w, twin, say, bar, **group_args)
@@ -157,7 +157,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                     twin.merge(set(w.existing_experts()))
             for index in [] if stacked else queue:
                 if not claims.acquire(index):
-                    left.append(index)
+                    left.add(index)
                     queue.skip(bar)
                     continue
                 s = derived_seed(seed, index)
@@ -196,10 +196,10 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
             queue.wait_for_all(bar)
         if group is not None:
             group.barrier()  # every expert published before the store is closed and the twin finished
-            left = sorted(i for ours in group.gather(left) for i in ours)
-        if left:
-            say(f"{out}: left experts {left} to another job that is training them (it holds their claims); "
-                "run this again afterwards to train any it did not finish")
+            left.experts = sorted(i for ours in group.gather(left.experts) for i in ours)
+        if left.experts:
+            say(f"{out}: left experts {left.experts} to another job that is training them (it holds their "
+                "claims); run this again afterwards to train any it did not finish")
         if twin is not None and main:
             twin.merge(set(w.existing_experts()))
     return out
@@ -258,6 +258,21 @@ def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w
         for ew in writers:  # nothing of the unpublished ones is written
             ew.abort()
         raise
+
+
+class _Left:
+    """The experts this job leaves to another that holds their claims. A legacy twin cannot follow:
+    its buffer files are this job's own and must hold every expert, in order."""
+
+    def __init__(self, twin: "_LegacyTwin | None"):
+        self.twin, self.experts = twin, []
+
+    def add(self, index: int) -> None:
+        if self.twin is not None:
+            raise TrajstoreError(f"expert {index} is being trained by another job writing this store (it holds "
+                                 "the expert's claim), but --legacy-dir needs every expert from this job: run "
+                                 "one job with a legacy twin, or leave --legacy-dir out", self.twin.dir)
+        self.experts.append(index)
 
 
 class _Queue:

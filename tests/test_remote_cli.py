@@ -9,7 +9,6 @@ processes the commands start), since CPU kernels sum in an order that depends on
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from trajstore.distill.claims import Claims
 from trajstore.distill.experts import train_experts
 from trajstore.distill.run import open_experts
 from trajstore.stores.location import open_store
+from trajstore.stores.remote import FsspecStore
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERTS = ["--model", "ConvNetW8", "--epochs", "1", "--waypoints", ""]
@@ -190,10 +190,14 @@ def remote(request, tmp_path, monkeypatch):
         fs.rm(f"/{run_id}", recursive=True)
 
 
-def test_pack_and_unpack_with_urls_on_both_sides(remote, legacy_buffer, tmp_path, run):
+def test_pack_and_unpack_with_urls_on_both_sides(remote, legacy_buffer, tmp_path, run, monkeypatch):
     """A legacy buffer at a URL -> an archive at a URL -> buffer files at a URL, bit for bit; and back
     to local files byte-identical to the source's."""
     root, options, fs = remote
+    written = []
+    real_write = FsspecStore.write_bytes
+    monkeypatch.setattr(FsspecStore, "write_bytes", lambda self, key, data: written.append(key) or
+                        real_write(self, key, data))
     directory, trajs = legacy_buffer  # buffers/CIFAR10_NO_ZCA/ConvNet: 5 experts, 2 per file
     src = f"{root}/buffers/CIFAR10_NO_ZCA/ConvNet"
     fs.put(str(directory), src, recursive=True)
@@ -204,6 +208,7 @@ def test_pack_and_unpack_with_urls_on_both_sides(remote, legacy_buffer, tmp_path
     run("unpack", f"{root}/full.zarr", f"{root}/restored", "--per-file", "3", "--quiet", *options)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{root}/restored")) == ["replay_buffer_0.pt",
                                                                                   "replay_buffer_1.pt"]
+    assert written[-2:] == ["replay_buffer_1.pt", "replay_buffer_0.pt"]  # file 0 last: nothing to read before
     fs.get(f"{root}/restored/replay_buffer_1.pt", str(tmp_path / "r1.pt"))
     restored = torch.load(tmp_path / "r1.pt", weights_only=True)  # experts 3 and 4
     assert len(restored) == 2

@@ -91,7 +91,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
         build = DirectoryStore(atomic.temp_sibling(target.path, "build"))
     try:
         store = build.zarr_store(read_only=False)
-        root = zarr.open_group(store=store, mode="w")
+        root = zarr.open_group(store=store, mode="w", zarr_format=3)
         root.create_group("params")
         arrays = []
         shape = (source.num_experts, source.num_timesteps)
@@ -118,13 +118,12 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                            "tool": f"trajstore {__version__}"},
         }
         seal_root(build, len(source.layers))
-        open_archive(build)  # what was written must read back before it replaces anything
+        packed = open_archive(build)  # what was written must read back before it replaces anything
         if not target.remote:
             atomic.publish_dir(build.root, target.path, overwrite=overwrite)
     except BaseException:
         build.delete("")
         raise
-    packed = open_archive(out_store)
     return PackReport(out=target.path if target.path is not None else target.url, experts=packed.num_experts,
                       num_timesteps=packed.num_timesteps, bytes_written=packed.nbytes, source_bytes=source.nbytes)
 

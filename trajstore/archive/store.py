@@ -153,7 +153,8 @@ class ArchiveBuffer(LegacyBuffer):
         for index, layer in enumerate(layers):
             where = store.describe(array_name(index))
             try:
-                arr = zarr.open_array(store=self._store, path=array_name(index), mode="r")
+                # zarr_format=3: no probing for version-2 metadata (requests, over a network)
+                arr = zarr.open_array(store=self._store, path=array_name(index), mode="r", zarr_format=3)
             except Exception as exc:  # zarr reports missing or corrupt metadata with many types
                 raise FormatError(f"cannot open the array of layer {layer.name!r} ({type(exc).__name__}: {exc})",
                                   where) from None
