@@ -119,13 +119,14 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
         }
         seal_root(build, len(source.layers))
         packed = open_archive(build)  # what was written must read back before it replaces anything
+        written = packed.nbytes  # (a local build is renamed next)
         if not target.remote:
             atomic.publish_dir(build.root, target.path, overwrite=overwrite)
     except BaseException:
         build.delete("")
         raise
     return PackReport(out=target.path if target.path is not None else target.url, experts=packed.num_experts,
-                      num_timesteps=packed.num_timesteps, bytes_written=packed.nbytes, source_bytes=source.nbytes)
+                      num_timesteps=packed.num_timesteps, bytes_written=written, source_bytes=source.nbytes)
 
 
 @single_threaded()
