@@ -143,7 +143,11 @@ def test_at_refuses_bad_arguments_naming_the_store():
             (dict(c=0.5, flat=True, out=[0.0] * 362), trajstore.TrajstoreError,
              "out= takes a torch.Tensor, and only with flat=True (got list)"),
             (dict(c=0.5, flat=True, out=torch.zeros(3)), trajstore.TrajstoreError,
-             "out must be a torch.float32 vector of 362 values on cpu")]:
+             "out must be a torch.float32 vector of 362 values on cpu"),
+            (dict(c=0.5, flat=True, out=torch.zeros(362, dtype=torch.float64)), trajstore.TrajstoreError,
+             "out must be a torch.float32 vector of 362 values on cpu"),
+            (dict(c=0.5, flat=True, out=torch.zeros(362, requires_grad=True)), trajstore.TrajstoreError,
+             "out must not require grad (pass a tensor made under torch.no_grad())")]:
         c = kwargs.pop("c")
         with pytest.raises(exc) as err:
             e.at(c, **kwargs)
