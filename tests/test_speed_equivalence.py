@@ -50,56 +50,10 @@ def test_flat_points_with_reused_and_alternating_out_buffers(tmp_path):
                            torch.cat([t.reshape(-1) for t in trajs[0][epoch]]))
 
 
-# Layers on both sides of _FlatLerp.BIG (own multiply vs a per-value factor), an empty stretch of small layers
-# between big ones, and drifts of different sizes so that at one c some layers read from x and others from y.
-MIXED_LAYERS = [("big", (70, 80)), ("tiny", (3,)), ("edge", (4096,)), ("mid", (1000,)), ("bias", (7,)),
-                ("big2", (64, 80)), ("last", (2,))]
-
-
-def _mixed_trajectory():
-    g = torch.Generator().manual_seed(5)
-    steps = [torch.linspace(0.2, 3.0, 8) ** p for p in (1, 3, 0.5, 2, 1, 4, 0.3)]  # per layer, unequal steps
-    traj, params = [], [torch.randn(s, generator=g) for _, s in MIXED_LAYERS]
-    for t in range(9):
-        traj.append([p.clone() for p in params])
-        if t < 8:
-            params = [p + steps[i][t] * 0.01 * torch.randn(p.shape, generator=g) for i, p in enumerate(params)]
-    for layer in range(len(MIXED_LAYERS)):  # -0.0 in the last anchor where the one before is negative: at
-        neg = traj[4][layer].reshape(-1) < 0  # c = K, y - 0*d is -0.0 while y + (+0)*d would be +0.0
-        traj[8][layer].reshape(-1)[neg.nonzero()[:2, 0]] = -0.0
-    return traj
-
-
-@pytest.mark.parametrize("stored,as_dtype", [(torch.float32, None), (torch.float32, torch.float16),
-                                             (torch.float32, torch.float64), (torch.float16, None),
-                                             (torch.bfloat16, torch.float32), (torch.bfloat16, None)])
-def test_flat_vectors_are_the_spec_lerp_across_big_and_small_layers(tmp_path, stored, as_dtype):
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    want_dtype = names[as_dtype or stored]
-    traj = [[t.to(stored) for t in step] for step in _mixed_trajectory()]
-    layers = [(n, s, stored) for n, s in MIXED_LAYERS]
-    e = trajstore.open(write_store(tmp_path / "m.ctraj", [traj], layers=layers, waypoints=(4,))).expert(0)
-    carry = {torch.bfloat16: torch.float32}.get(stored, stored)  # numpy has no bfloat16: its values in float32
-    raw = [[spec_reader.rnd(t.to(carry).numpy(), want_dtype) for t in step] for step in traj]
-    epochs, sides = list(e.anchor_epochs), set()
-    out = torch.empty(e._s.num_params, dtype=as_dtype or stored)
-    for c in [0.0, 2.0, 4.0, 8.0, 3.999, 7.25, *np.random.default_rng(1).uniform(0, 8, 40)]:
-        j, w = spec_reader.weights(e.beta, epochs, float(c))  # the stored betas, weighed by the spec reader
-        want = np.concatenate([spec_reader.to_bits(spec_reader.lerp(raw[epochs[j]][i], raw[epochs[j + 1]][i],
-                                                                    float(w[i]), want_dtype), want_dtype).reshape(-1)
-                               for i in range(len(MIXED_LAYERS))])
-        sides.add(tuple(w < 0.5))
-        for got in (e.at(float(c), flat=True, dtype=as_dtype), e.at(float(c), flat=True, dtype=as_dtype, out=out),
-                    torch.cat([v.reshape(-1) for v in e.at(float(c), dtype=as_dtype).values()])):
-            bits = got.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]).numpy()
-            assert np.array_equal(bits.view(want.dtype), want), f"c={c}"
-    assert any(len(set(s)) == 2 for s in sides)  # some c had layers on both sides of w = 0.5
-
-
 # -- networks trained together ---------------------------------------------------------------------
 
 from trajstore.distill.augment import seeded_dsa  # noqa: E402
-from trajstore.distill.batched import NetStack  # noqa: E402
+from trajstore.distill.batched import NetGroup, NetStack, side_by_side  # noqa: E402
 from trajstore.distill.data import load_dataset  # noqa: E402
 from trajstore.distill.evaluate import evaluate_synset, random_subset  # noqa: E402
 from trajstore.distill.networks import build  # noqa: E402
@@ -117,7 +71,8 @@ def _fresh(seed):
         return build("ConvNetW8", 3, 10, (16, 16))
 
 
-def test_stacked_networks_follow_the_trajectories_of_networks_trained_alone(digits16):
+@pytest.mark.parametrize("make", [NetStack, lambda nets: NetGroup(nets, workers=2)], ids=["stacked", "side-by-side"])
+def test_networks_trained_at_once_follow_the_trajectories_of_networks_trained_alone(digits16, make):
     images, labels = random_subset(digits16, 4, seed=0)  # 40 images, batch 16: 3 shuffled batches per epoch
     seeds = [11, 12, 13]
     alone, alone_stats = [], []
@@ -128,7 +83,7 @@ def test_stacked_networks_follow_the_trajectories_of_networks_trained_alone(digi
                                         device="cpu", generator=g) for _ in range(3)][-1])
         alone.append(net)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    stack = NetStack([_fresh(s) for s in seeds])
+    stack = make([_fresh(s) for s in seeds])
     opt = torch.optim.SGD(stack.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for _ in range(3):
         losses, accs = stack.train_epoch(images, labels, optimizer=opt, batch_size=16, generators=gens,
@@ -147,9 +102,64 @@ def test_evaluation_together_gives_the_accuracies_of_one_by_one(digits16):
     kw = dict(lr=0.01, num_nets=3, epochs=8, model="ConvNetW8", seed=5, progress=False)
     one_by_one = evaluate_synset(images, labels, digits16, together=False, **kw)
     together = evaluate_synset(images, labels, digits16, together=True, **kw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the CPU default: side by side on 2 workers (3 networks: uneven on purpose)
+    try:
+        side_by_side_ = evaluate_synset(images, labels, digits16, **kw)
+    finally:
+        torch.set_num_threads(before)
     step = 1 / len(digits16.test_labels)  # float rounding may flip at most a borderline test image
     assert np.allclose(together.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
+    assert np.allclose(side_by_side_.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
     assert len(set(one_by_one.accuracies)) > 1  # each network its own draws
+
+
+def test_side_by_side_runs_share_the_workers_and_keep_each_runs_order():
+    import threading
+    import time
+
+    seen, threads = [], []
+
+    def run(k, n):
+        for i in range(n):
+            time.sleep(0.002)
+            seen.append(threading.current_thread().name)
+            threads.append(torch.get_num_threads())
+            yield (k, i)
+
+    before = torch.get_num_threads()
+    lengths = [5, 3, 6, 1, 4]
+    got = list(side_by_side([run(k, n) for k, n in enumerate(lengths)], workers=2))
+    assert torch.get_num_threads() == before
+    assert sorted(got) == sorted((k, (k, i)) for k, n in enumerate(lengths) for i in range(n))
+    for k, n in enumerate(lengths):  # each run's items in its own order
+        assert [item for j, item in got if j == k] == [(k, i) for i in range(n)]
+    assert len(set(seen)) == 2 and threading.current_thread().name not in seen
+    assert set(threads) == {1}  # one intra-op thread per worker
+    # round robin: the first items of every run come before the last item of the longest one
+    assert max(got.index((k, (k, 0))) for k in range(5)) < got.index((2, (2, 5)))
+    # one worker: the runs in turn on this thread, with torch's threads as they are
+    assert list(side_by_side([run(0, 2), run(1, 1)], workers=1)) == [(0, (0, 0)), (0, (0, 1)), (1, (1, 0))]
+    assert seen[-3:] == [threading.current_thread().name] * 3 and threads[-3:] == [before] * 3
+
+
+def test_side_by_side_raises_the_first_error_and_stops():
+    import time
+
+    started = []
+
+    def run(k):
+        for i in range(1000):
+            time.sleep(0.001)
+            started.append(k)
+            if k == 1 and i == 2:
+                raise ValueError("run 1 failed")
+            yield i
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="run 1 failed"):
+        list(side_by_side([run(0), run(1)], workers=2))
+    assert torch.get_num_threads() == before and len(started) < 200
 
 
 # -- experts trained together ----------------------------------------------------------------------

@@ -177,6 +177,14 @@ class Location:
         return self.path
 
 
+def where(target) -> str:
+    """How provenance records name a source: a local path made absolute, a URL as given."""
+    if is_url(target) and not target.startswith("file://"):
+        return target
+    path = target[len("file://"):] if isinstance(target, str) and target.startswith("file://") else target
+    return str(Path(path).resolve())
+
+
 def locate(target, storage_options: dict | None = None) -> Location:
     """A Location for a path, a "file://" URL or any fsspec URL (options go to its filesystem)."""
     if isinstance(target, Location):
