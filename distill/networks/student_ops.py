@@ -2,8 +2,8 @@
 cheaper second derivatives for the distillation student.
 
 The matching loss differentiates through every student step's gradient, so each layer's backward is
-itself differentiated. On the CPU, PyTorch does that second differentiation expensively for two layers
-of this network (benchmarks/RESULTS.md §10 has the profile):
+itself differentiated. On the CPU, PyTorch does that second differentiation expensively for three layers
+of this network (benchmarks/RESULTS.md §10 has the profile and the timings):
 
 - instance norm (`GroupNorm(C, C)`): the derivative of `native_group_norm_backward` is a composite of
   ~20 full-size elementwise operations. `_InstanceNormBackward` below writes it out in closed form as a
@@ -12,9 +12,12 @@ of this network (benchmarks/RESULTS.md §10 has the profile):
   traffic they need at these shapes. Pooling is linear and its adjoint is spreading each value over its
   2x2 block, so `_Pool2` and `_Spread2` are each other's backward (differentiable to any order) and are
   written with contiguous views.
+- convolutions: the double backward's weight term is a convolution of batch-transposed tensors, and
+  oneDNN is slow on the first layer's few input channels. `_Conv`'s backward is made of input- and
+  weight-gradient Functions whose backwards are plain convolutions, each on the faster backend.
 
-The arithmetic is the same as the module's up to float rounding (summation order); convolutions, ReLU
-and the classifier are PyTorch's own, whose autograd skips the outputs the caller does not need.
+The arithmetic is the same as the module's up to float rounding (summation order, convolution
+algorithm); ReLU and the classifier are PyTorch's own.
 """
 
 from __future__ import annotations
