@@ -507,9 +507,6 @@ class CTraj:
         if keep:
             self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
         return views
-        views = flat.split(self._numels)
-        self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
-        return views
 
     def _array_of(self, flat: torch.Tensor, keep: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept (with keep) for the
@@ -616,10 +613,11 @@ def open(path: str | os.PathLike, *, verify_checksums: bool = True, cache_bytes:
     """Open a .ctraj (directory or single file; a path or any fsspec URL such as s3://bucket/x.ctraj)
     for reading. Nothing but metadata is read yet.
 
-    `cache_bytes` bounds the anchors held in memory. `storage_options` go to the URL's fsspec
-    filesystem (endpoint, credentials, ...). Anchors of a remote store are fetched once into a local
-    disk cache (`cache_dir`, at most `disk_cache_bytes`; defaults in trajstore.stores.cache) and
-    verified against the manifest before use."""
+    `cache_bytes` bounds what is held in memory: the anchors read (each copied into one flat vector)
+    and, for flat vectors on the CPU, each piece's y - x (one more anchor's bytes). `storage_options`
+    go to the URL's fsspec filesystem (endpoint, credentials, ...). Anchors of a remote store are
+    fetched once into a local disk cache (`cache_dir`, at most `disk_cache_bytes`; defaults in
+    trajstore.stores.cache) and verified against the manifest before use."""
     with os_errors(path):
         return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes,
                      storage_options=storage_options, cache_dir=cache_dir, disk_cache_bytes=disk_cache_bytes)
