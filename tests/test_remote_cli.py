@@ -255,6 +255,7 @@ def test_hostile_urls_are_one_line_and_leave_inputs_alone(remote, legacy_buffer,
                           (f"{root}/buffers", "contains the input")):
         refused("pack", src, out, "--force", "--quiet", *options, message=relation)
         refused("unpack", src, out, "--force", "--quiet", *options, message=relation)
+        refused("convert", src, out, "--force", "--quiet", *options, message=relation)
     assert sorted((p, fs.info(p)["size"]) for p in fs.find(root)) == before
     refused("pack", f"{root}/nothing-here", f"{root}/x.zarr", "--quiet", *options, message="no such buffer file")
     refused("unpack", f"{root}/nothing-here", tmp_path / "x", "--quiet", *options, message="not a trajstore archive")
