@@ -34,7 +34,7 @@ from trajstore.legacy import loading as legacy_loading, validation as legacy_val
 
 from . import distributed
 from .augment import seeded_dsa, strategy_operations
-from .batched import NetStack, stackable
+from .batched import stackable, trained_at_once
 from .claims import Claims
 from .data import Dataset, load_dataset
 from .defaults import EXPERTS
@@ -65,8 +65,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
-    batch_experts > 1 trains that many experts at once as one stacked network (`batched.NetStack`):
-    each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
+    batch_experts > 1 trains that many experts at once (`batched.trained_at_once`: as one stacked
+    network on a GPU, side by side on the CPU's cores): each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
     (up to float rounding). Networks with batch norm, and runs in a process group (whose queue hands
     out one expert at a time), are trained one by one regardless.
     `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
@@ -219,7 +219,7 @@ def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w
             nets.append(make_net().to(dev))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
-    stack = NetStack(nets)
+    stack = trained_at_once(nets, dev)
     del nets
     optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     records = [{"seed": s, "device": str(dev), "batch_experts": len(group), "train_acc": [], "test_acc": [],
