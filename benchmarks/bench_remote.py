@@ -66,13 +66,17 @@ class Recorder:
 
 def start_s3() -> tuple[str, Recorder, object]:
     from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs):  # the recorder keeps the log
+            pass
 
     recorder = Recorder(DomainDispatcherApplication(create_backend_app))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = make_server("127.0.0.1", port, recorder, threaded=True)
+    server = make_server("127.0.0.1", port, recorder, threaded=True, request_handler=Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{port}", recorder, server
 
@@ -191,7 +195,9 @@ def main(argv=None) -> Path:
                                                                        if "anchor_" in k)}
 
         # a damaged cache entry (one byte flipped on disk) is caught by its sha256 and fetched again
-        entry = sorted(cache.glob("??/*"))[0]
+        e, c, _ = draws[0]
+        digest = store.expert(e)._manifest()[f"anchor_{min(anchors_needed(c, epochs)):04d}.safetensors"]
+        entry = cache / digest[:2] / digest  # the cache's layout: trajstore.stores.cache
         data = bytearray(entry.read_bytes())
         data[len(data) // 2] ^= 0x01
         entry.write_bytes(bytes(data))
