@@ -2,9 +2,12 @@
 
     python -m benchmarks.bench_interpolation [--width 128] [--device cpu|cuda] [--out benchmarks/results/interpolation.json]
 
-The three operations take turns within every round (interleaved), so the ratios are fair on a shared
-machine. A point reads two anchors and writes one vector: 1.5x the bytes of the copy. One torch.lerp
-over the whole vector (`lerp_one_call`, no per-layer work at all) is timed as the kernel's own floor.
+The operations take turns within every round (interleaved), so the ratios are fair on a shared machine.
+A point reads two anchors and writes one vector: 1.5x the bytes of the copy. The floors timed beside it,
+over the whole vector with no per-layer work: one torch.lerp (a fused multiply-add, one rounding: not the
+spec's arithmetic), the spec's lerp as three torch kernels (sub, mul, add), and the two numpy passes that
+`at` makes over a cached y - x (multiply, then add: the least work that rounds twice with numpy or torch).
+Every operation has vectors of its own: none finds its inputs in cache because the one before used them.
 """
 
 from __future__ import annotations
@@ -28,14 +31,21 @@ def measure(expert, num_params: int, device: str, repeat: int) -> dict:
     expert.at(1.5, flat=True, device=device)  # first touch: anchors mapped / copied to the device
     last = expert.num_timesteps - 1
     buf = torch.empty(num_params, device=device)
-    src, other = torch.randn(num_params, device=device), torch.randn(num_params, device=device)
-    dst = torch.empty_like(src)
+
+    def vectors(n):  # each operation its own vectors, so none finds its inputs warm from the one before
+        return [torch.randn(num_params, device=device) for _ in range(n)]
+
+    (src, dst), (lx, ly, lo), (sx, sy, so), (nx, ny, no) = vectors(2), vectors(3), vectors(3), vectors(3)
+    nd = ny - nx
     t = timeit_interleaved({
         "at_flat": lambda: expert.at(rng.uniform(0, last), flat=True, device=device),
         "at_flat_into_out": lambda: expert.at(rng.uniform(0, last), flat=True, device=device, out=buf),
-        "lerp_one_call": lambda: torch.lerp(src, other, 0.3, out=dst),
+        "lerp_one_call": lambda: torch.lerp(lx, ly, 0.3, out=lo),
         # the spec's lerp over the whole vector: three kernels (sub, mul, add), no per-layer work
-        "spec_lerp_one_call": lambda: torch.sub(other, src, out=dst).mul_(0.3).add_(src),
+        "spec_lerp_one_call": lambda: torch.sub(sy, sx, out=so).mul_(0.3).add_(sx),
+        # what at() does on the CPU over a cached difference nd = y - x: a multiply, then an add
+        "spec_lerp_two_passes": lambda: torch.mul(nd, 0.3, out=no).add_(nx) if device.startswith("cuda")
+        else np.add(np.multiply(nd.numpy(), np.float32(0.3), no.numpy()), nx.numpy(), no.numpy()),
         "copy_same_bytes": lambda: dst.copy_(src),
     }, repeat=repeat, sync=device.startswith("cuda"))
     copy = t["copy_same_bytes"]["median_s"]
@@ -55,7 +65,9 @@ def measure(expert, num_params: int, device: str, repeat: int) -> dict:
             "ratio_at_out_over_copy": t["at_flat_into_out"]["median_s"] / copy,
             "ratio_lerp_one_call_over_copy": t["lerp_one_call"]["median_s"] / copy,
             "ratio_spec_lerp_one_call_over_copy": t["spec_lerp_one_call"]["median_s"] / copy,
-            "bytes": num_params * 4}
+            "ratio_spec_lerp_two_passes_over_copy": t["spec_lerp_two_passes"]["median_s"] / copy,
+            "bytes": num_params * 4,
+            "bytes_cached": expert._s._cached}  # the piece's two anchors and its difference
 
 
 def main(argv=None):

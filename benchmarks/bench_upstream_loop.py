@@ -208,12 +208,25 @@ def main(argv=None):
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     per_it = {name: (sum(t) - t[0]) / (len(t) - 1) for name, t in times.items()}
     cpu_per_it = {name: (sum(t) - t[0]) / (len(t) - 1) for name, t in cpu_times.items()}
+    # each iteration's ratio against the upstream iteration run just before it: the spread says how well
+    # the load on a shared machine lets this many iterations resolve the ratio
+    paired = {kind: np.array(t["trajstore_matcher"][1:]) / np.array(t["upstream_reimplementation"][1:])
+              for kind, t in (("wall", times), ("cpu", cpu_times))}
+    spread = {kind: {"median": float(np.median(r)), "q25": float(np.quantile(r, 0.25)),
+                     "q75": float(np.quantile(r, 0.75)), "min": float(r.min()), "max": float(r.max())}
+              for kind, r in paired.items()}
     results = {device.split(":")[0]: {
         "seconds_per_iteration": per_it, "iteration_seconds": times,
         "cpu_seconds_per_iteration": cpu_per_it, "iteration_cpu_seconds": cpu_times,
         "ratio_trajstore_over_upstream": per_it["trajstore_matcher"] / per_it["upstream_reimplementation"],
         "cpu_ratio_trajstore_over_upstream":
-            cpu_per_it["trajstore_matcher"] / cpu_per_it["upstream_reimplementation"]}}
+            cpu_per_it["trajstore_matcher"] / cpu_per_it["upstream_reimplementation"],
+        "per_iteration_ratio_spread": spread}}
+    print(f"s/it upstream {per_it['upstream_reimplementation']:.3f}, trajstore {per_it['trajstore_matcher']:.3f} "
+          f"(wall {results[device.split(':')[0]]['ratio_trajstore_over_upstream']:.3f}x, "
+          f"CPU time {results[device.split(':')[0]]['cpu_ratio_trajstore_over_upstream']:.3f}x; per-iteration "
+          f"CPU ratio median {spread['cpu']['median']:.3f}, quartiles {spread['cpu']['q25']:.3f}-"
+          f"{spread['cpu']['q75']:.3f})")
     return write_result(args.out, "upstream_loop", vars(args), results)
 
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 PATH = "trajstore/format/reader.py"
-TARGETS = {"_PRECISION", "_round_weight", "lerp", "lerp_layers", "at"}  # module-level names and Expert methods
+# module-level names and classes, Expert and CTraj methods (_piece: the cached y - x of a piece)
+TARGETS = {"_PRECISION", "_round_weight", "lerp", "lerp_layers", "_NUMPY_DTYPES", "_FlatLerp", "at", "_piece"}
 
 
 def target_lines(source: str) -> set[int]:

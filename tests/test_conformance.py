@@ -102,6 +102,47 @@ def test_a_store_written_today_reads_the_same_from_the_spec(tmp_path, dtype):
             assert_same_bits(flat, want[f"theta_{p}_{dtype}"][row], f"today's store, expert {p}, c={c}")
 
 
+# -- a generated store: layers on both sides of _FlatLerp.BIG (a multiply of their own, or one per-value
+# factor for a run of small layers), and steps of different sizes per layer, so that at one c some layers
+# are computed from x and others from y ----------------------------------------------------------------
+
+MIXED_LAYERS = [("big", (70, 80)), ("tiny", (3,)), ("edge", (4096,)), ("mid", (1000,)), ("bias", (7,)),
+                ("big2", (64, 80)), ("last", (2,))]
+
+
+def mixed_trajectory(dtype: str) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    steps = [torch.linspace(0.2, 3.0, 8) ** p for p in (1, 3, 0.5, 2, 1, 4, 0.3)]  # per layer
+    traj, params = [], [torch.randn(s, generator=g) for _, s in MIXED_LAYERS]
+    for t in range(9):
+        traj.append([p.clone() for p in params])
+        params = [p + steps[i][min(t, 7)] * 0.01 * torch.randn(p.shape, generator=g) for i, p in enumerate(params)]
+    for x, y in zip(traj[4], traj[8]):  # at c = K: y - 0*d is -0.0 where y = -0.0 and d > 0 (y + (+0)*d: +0.0)
+        y.reshape(-1)[(x.reshape(-1) < 0).nonzero()[:2, 0]] = -0.0
+    return [[t.to(TORCH[dtype]) for t in step] for step in traj]
+
+
+@pytest.mark.parametrize("dtype,as_dtype", [("F32", "F32"), ("F32", "F16"), ("F32", "F64"), ("F16", "F16"),
+                                            ("BF16", "F32"), ("BF16", "BF16")])
+def test_flat_vectors_across_big_and_small_layers_are_the_spec_lerp(tmp_path, dtype, as_dtype):
+    import trajstore
+    from helpers import write_store
+
+    traj = mixed_trajectory(dtype)
+    layers = [(n, s, TORCH[dtype]) for n, s in MIXED_LAYERS]
+    e = trajstore.open(write_store(tmp_path / "m.ctraj", [traj], layers=layers, waypoints=(4,))).expert(0)
+    spec = SpecStore(tmp_path / "m.ctraj")
+    request = None if as_dtype == dtype else TORCH[as_dtype]
+    out, sides = torch.empty(e._s.num_params, dtype=TORCH[as_dtype]), set()
+    for c in [0.0, 2.0, 4.0, 8.0, 3.999, 7.25, *np.random.default_rng(1).uniform(0, 8, 40)]:
+        want = np.concatenate([to_bits(x, as_dtype).reshape(-1) for x in spec.theta(0, float(c), as_dtype)])
+        sides.add(tuple(spec_reader.weights(spec.beta(0), spec.epochs, float(c))[1] < 0.5))
+        for got in (e.at(float(c), flat=True, dtype=request), e.at(float(c), flat=True, dtype=request, out=out),
+                    torch.cat([v.reshape(-1) for v in e.at(float(c), dtype=request).values()])):
+            assert_same_bits(torch_bits(got, as_dtype), want, f"c={c}")
+    assert any(len(set(s)) == 2 for s in sides)  # some c had layers on both sides of w = 0.5
+
+
 # -- the reference's arithmetic, checked against exact rational arithmetic -------------------------
 
 PRECISION = {"F64": (53, -1021), "F32": (24, -125), "F16": (11, -13), "BF16": (8, -125)}
@@ -139,6 +180,27 @@ def test_the_reference_lerp_rounds_like_exact_arithmetic(dtype):
     ends = spec_reader.lerp(x, y, 1.0, dtype)  # exact at both ends
     assert np.array_equal(ends, y) and np.array_equal(spec_reader.lerp(x, y, 0.0, dtype), x)
 
+
+
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16"])
+def test_the_flat_cpu_lerp_rounds_each_factor_once(dtype):
+    """The factors of trajstore's numpy lerp come straight from float64 to the dtype: weights next to a tie
+    of the dtype (where rounding through float32 first goes the wrong way for float16), from x = 0 to y = 1."""
+    from trajstore.format.reader import _FlatLerp
+
+    bits = PRECISION[dtype][0]
+    ws = [0.0, 1.0, 0.5, 2.0**-30, 0.4999999999]
+    for k in (0, 1):  # ties just below 0.5 and, as 1 - w, just above
+        for tie in (0.25 + 2.0 ** (-2 - bits), 0.375 + 2.0 ** (-2 - bits)):  # half a unit in the last place
+            for nudge in (0.0, 2.0**-50, -(2.0**-50)):
+                ws.append(tie + nudge if k == 0 else (1.0 - tie) - nudge)
+    numels = [1 if i % 2 else 4096 for i in range(len(ws))]  # both kinds of part
+    carry = spec_reader.CARRY[dtype]
+    x, y = np.zeros(sum(numels), dtype=carry), np.ones(sum(numels), dtype=carry)
+    lerp, out = _FlatLerp(numels), np.empty_like(x)
+    lerp(x, y, lerp.split(y - x), ws, out, lerp.split(out))
+    for v, w in zip(np.split(out, np.cumsum(numels)[:-1]), ws):
+        assert len(set(v.tolist())) == 1 and Fraction(float(v[0])) == exact_lerp(0.0, 1.0, w, dtype), f"w={w!r}"
 
 # -- §6: the single-file form ------------------------------------------------------------------------
 

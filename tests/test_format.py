@@ -320,3 +320,24 @@ def test_cache_evicts_least_recently_used_beyond_cache_bytes(store, decodes):
     for _ in range(2):
         assert torch.equal(tiny.expert(0).at(1.5, flat=True), want[1.5])
     assert len(decodes) == 4
+
+
+def test_cache_holds_each_piece_difference_beside_its_anchors_within_cache_bytes(store, decodes):
+    """A flat CPU point also keeps y - x of its piece (one anchor's bytes); it counts in cache_bytes, never
+    pushes out its own anchors, and is not kept where the cache cannot hold all three."""
+    path, _ = store
+    want = {c: trajstore.open(path).expert(0).at(c, flat=True).clone() for c in (1.5, 2.5, 5.5)}
+    one = trajstore.open(path).num_params * 4  # one float32 anchor, or one difference
+    r = trajstore.open(path, cache_bytes=3 * one)
+    e = r.expert(0)
+    decodes.clear()
+    assert torch.equal(e.at(1.5, flat=True), want[1.5]) and len(decodes) == 2 and r._cached == 3 * one
+    assert torch.equal(e.at(2.5, flat=True), want[2.5]) and len(decodes) == 2  # all three held
+    assert torch.equal(e.at(5.5, flat=True), want[5.5]) and len(decodes) == 3  # 7 pushes out 0, (3, 7) the old difference
+    assert r._cached == 3 * one and len(r._cache) == 3
+    assert torch.equal(e.at(5.5, flat=True), want[5.5]) and len(decodes) == 3
+    small = trajstore.open(path, cache_bytes=2 * one)  # room for the anchors only: y - x is made per call
+    decodes.clear()
+    for c in (1.5, 2.5, 1.5):
+        assert torch.equal(small.expert(0).at(c, flat=True), want[c])
+    assert len(decodes) == 2 and small._cached == 2 * one and len(small._cache) == 2

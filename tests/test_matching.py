@@ -358,3 +358,69 @@ def test_the_matcher_samples_as_configured(ctraj, digits):
     discrete = _run(_matcher(ConvexifiedSource(ctraj), digits, 1, syn_steps=1, discrete=True), 4)
     assert all(r["start"] != int(r["start"]) for r in continuous)
     assert all(r["start"] == int(r["start"]) for r in discrete)
+
+
+def reference_instance_norm(y, weight, bias, eps=1e-5):
+    """Instance norm written out with autograd's own derivatives: (y - mean) / sqrt(biased var + eps)."""
+    mean = y.mean((2, 3), keepdim=True)
+    var = (y - mean).square().mean((2, 3), keepdim=True)
+    return (y - mean) / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def _second_derivatives(f, inputs, seed):
+    """The gradient of a random linear functional of f's first derivatives (what the matching loss needs)."""
+    g = torch.Generator().manual_seed(seed)
+    out = f(*inputs)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    first = torch.autograd.grad(out, inputs, grad_outputs=upstream, create_graph=True)
+    functional = sum((torch.randn(d.shape, generator=g, dtype=d.dtype) * d).sum() for d in first)
+    return [d.detach() for d in first], torch.autograd.grad(functional, inputs)
+
+
+def test_student_instance_norm_and_pooling_second_derivatives_equal_autograds():
+    from trajstore.distill.networks.student_ops import avg_pool2, instance_norm
+
+    torch.manual_seed(0)
+    y = torch.randn(3, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(4, dtype=torch.float64)).requires_grad_(True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    inputs = (y, weight, bias)
+    # forward equals the module's; first and second derivatives equal autograd's through the written-out norm
+    torch.testing.assert_close(instance_norm(y, weight, bias, 1e-5), F.group_norm(y, 4, weight, bias, 1e-5),
+                               rtol=0, atol=1e-14)
+    fast = _second_derivatives(lambda *a: torch.relu(instance_norm(*a, 1e-5)), inputs, 1)
+    ref = _second_derivatives(lambda *a: torch.relu(reference_instance_norm(*a)), inputs, 1)
+    for got, want in zip(fast[0] + list(fast[1]), ref[0] + list(ref[1])):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(avg_pool2(x), F.avg_pool2d(x, 2), rtol=0, atol=1e-15)
+    fast = _second_derivatives(lambda x: avg_pool2(x).square(), (x,), 2)
+    ref = _second_derivatives(lambda x: F.avg_pool2d(x, 2).square(), (x,), 2)
+    torch.testing.assert_close(fast[0][0], ref[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast[1][0], ref[1][0], rtol=1e-12, atol=1e-14)
+
+
+def test_fast_student_gives_the_module_students_loss_and_gradients(ctraj, digits):
+    """Plain-memory Eq. 2 through the default ConvNet's fast student (student_ops) against the same unroll
+    through torch.func.functional_call of the nn.Module (PyTorch's own double backward)."""
+    from torch.func import functional_call
+
+    net = tiny_net()
+    fast = FunctionalNet(net)
+    assert fast._forward is not None  # instance norm, ReLU, average pooling: the fast path
+
+    class ModuleStudent(FunctionalNet):
+        def __call__(self, flat, x):
+            return functional_call(self.net, self.unflatten(flat), (x,))
+
+    start, target, _ = ConvexifiedSource(ctraj).sample(np.random.default_rng(3), 4, 3, dtype=torch.float64)
+    plan = plan_unroll(np.random.default_rng(3), NUM_CLASSES, 4, 5)
+    results = []
+    for student in (fast, ModuleStudent(net)):
+        s = synset(digits)
+        with torch.no_grad():
+            s.syn_lr.fill_(0.05)
+        loss = match_loss(student, s.images, s.labels, s.syn_lr, start, target, plan, augment=replayable_augment)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (s.images, s.syn_lr))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)

@@ -24,6 +24,7 @@ from trajstore.architectures.convnet import ConvNetSpec
 from trajstore.errors import InvalidTensorError, TrajstoreError
 
 from .convnet import ConvNet
+from .student_ops import convnet_forward
 
 
 class ModelError(TrajstoreError, ValueError):
@@ -97,6 +98,8 @@ class FunctionalNet:
         self.shapes = [p.shape for _, p in net.named_parameters()]
         self.numels = [p.numel() for _, p in net.named_parameters()]
         self.num_params = sum(self.numels)
+        # upstream's default ConvNet runs with cheaper second derivatives (student_ops); others as modules
+        self._forward = convnet_forward(net)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         if flat.numel() != self.num_params:
@@ -104,4 +107,6 @@ class FunctionalNet:
         return {n: p.view(s) for n, p, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._forward is not None:
+            return self._forward(self.unflatten(flat), x)
         return functional_call(self.net, self.unflatten(flat), (x,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -83,6 +84,96 @@ def lerp_layers(xs: list[torch.Tensor], ys: list[torch.Tensor], ws: list[float])
         for i, t in zip(high, torch._foreach_sub([ys[i] for i in high], part)):
             d[i] = t
     return d
+
+
+# The dtypes numpy computes in. Each ufunc rounds its result once and nothing is fused across ufuncs;
+# numpy's float16 operations compute in float32 and round to float16, which gives the same bits (float32
+# holds every float16 sum and product to twice float16's precision). bfloat16 has no numpy type.
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+class _FlatLerp:
+    """lerp() of every layer of a flat vector on the CPU, in a few numpy calls instead of three per layer.
+
+    out = base + f*d, with d = y - x rounded (cached per piece by the reader) and per layer either
+    f = round(w), base = x (w < 0.5) or f = -round(1 - w), base = y: y + (-r)*d is y - r*d bit for bit
+    (negation is exact and rounding to nearest is symmetric), so this is docs/format.md §7, rounded twice.
+    A large layer is multiplied on its own with a scalar factor, a run of small layers in one call with
+    a factor per value; the additions run over the stretches of layers that share a base. numpy, not
+    torch: a numpy call costs a third of a torch call, and the large layers are bandwidth-bound either way.
+    """
+
+    BIG = 4096  # values from which a layer gets its own multiply
+
+    def __init__(self, numels: list[int]):
+        bounds = [0, *itertools.accumulate(numels)]
+        self.bounds = bounds
+        self.parts: list[slice] = []  # the vector's parts, each multiplied in one call
+        self.factor_of: list[int | slice] = []  # per part: its layer (a scalar factor) or its slice of `small`
+        small, counts, layer = [], [], 0
+        while layer < len(numels):
+            end = layer + 1
+            if numels[layer] < self.BIG:
+                while end < len(numels) and numels[end] < self.BIG:
+                    end += 1
+            if bounds[end] > bounds[layer]:
+                self.parts.append(slice(bounds[layer], bounds[end]))
+                n = sum(counts)
+                self.factor_of.append(layer if numels[layer] >= self.BIG else slice(n, n + bounds[end] - bounds[layer]))
+                if numels[layer] < self.BIG:
+                    small += range(layer, end)
+                    counts += numels[layer:end]
+            layer = end
+        self.small_layers, self.small_counts = np.array(small, dtype=np.intp), np.array(counts, dtype=np.intp)
+        self._stretches: dict[bytes, list[tuple[slice, bool]]] = {}
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        return [flat[part] for part in self.parts]
+
+    def stretches(self, from_y: np.ndarray) -> list[tuple[slice, bool]]:
+        """The vector as maximal stretches of layers with the same base (from_y: per layer, base is y)."""
+        key = from_y.tobytes()
+        found = self._stretches.get(key)
+        if found is None:
+            found, start = [], 0
+            for layer in range(1, len(from_y) + 1):
+                if layer == len(from_y) or from_y[layer] != from_y[start]:
+                    if self.bounds[layer] > self.bounds[start]:
+                        found.append((slice(self.bounds[start], self.bounds[layer]), bool(from_y[start])))
+                    start = layer
+            if len(self._stretches) < 4096:  # the masks met so far: a few per piece in practice
+                self._stretches[key] = found
+        return found
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], ws: list[float], out: np.ndarray,
+                 out_parts: list[np.ndarray]) -> None:
+        # Each rounded once from float64: for float32 and float64 by numpy's cast (the hardware's IEEE
+        # conversion); float16 by _round_weight, as a cast through float32 would round twice. -(1 - w) keeps
+        # the -0.0 of w = 1 (y - 0*d and y + (-0)*d agree only then).
+        if out.dtype.itemsize == 2:
+            factors = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16)
+                       for w in ws]
+        else:
+            factors = [w if w < 0.5 else -(1.0 - w) for w in ws]
+        factors = np.array(factors, dtype=out.dtype)
+        small = factors.take(self.small_layers).repeat(self.small_counts)
+        multiply, add = np.multiply, np.add
+        for d, o, f in zip(d_parts, out_parts, self.factor_of):
+            multiply(d, factors[f] if f.__class__ is int else small[f], o)
+        for part, from_y in self.stretches(np.signbit(factors)):
+            add(out[part], y[part] if from_y else x[part], out[part])
+
+
+class _Anchor:
+    """A cached anchor: its layers (1-D) and, when they share a dtype, the flat vector they are views of
+    (with its numpy view on the CPU in a numpy dtype, for _FlatLerp)."""
+
+    __slots__ = ("flat", "layers", "array")
+
+    def __init__(self, flat: torch.Tensor | None, layers: list[torch.Tensor]):
+        self.flat, self.layers = flat, layers
+        self.array = flat.numpy() if flat is not None and flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES \
+            else None
 
 
 def _index(i, n: int, what: str, path) -> int:
@@ -196,8 +287,8 @@ class Expert:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch not in self.anchor_epochs:
             raise OutOfRangeError(f"epoch {epoch} is not an anchor; anchors are {list(self.anchor_epochs)}",
                                   self._s.path)
-        tensors = self._s._anchor(self, int(epoch), _device(device, self._s.path), _dtype(dtype, self._s.path))
-        return {layer.name: t.view(layer.shape).clone() for layer, t in zip(self._s.layers, tensors)}
+        held = self._s._anchor(self, int(epoch), _device(device, self._s.path), _dtype(dtype, self._s.path))
+        return {layer.name: t.view(layer.shape).clone() for layer, t in zip(self._s.layers, held.layers)}
 
     @property
     def anchors(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -220,26 +311,28 @@ class Expert:
         if out is not None and (not flat or not isinstance(out, torch.Tensor)):
             raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
                                  path)
-        a = self._s._anchor(self, epochs[piece], dev, dtype)
-        b = self._s._anchor(self, epochs[piece + 1], dev, dtype)
+        s = self._s
+        a, b, d_parts = s._piece(self, epochs[piece], epochs[piece + 1], dev, dtype, flat)
         if flat:
-            # On the CPU the per-layer lerps (three passes each) are the floor, so the Python around them is
-            # kept minimal. On a GPU each operation is a kernel launch: foreach launches over all layers
-            # and one cat replace the per-layer launches, with the same roundings (docs/format.md §7).
-            if dtype is None and not self._s._uniform_dtype:
-                raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", self._s.path)
+            if a.flat is None:
+                raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", path)
             if out is None:
-                out = torch.empty(self._s.num_params, dtype=a[0].dtype, device=dev)
-            elif out.shape != (self._s.num_params,) or out.dtype != a[0].dtype or out.device != a[0].device:
-                raise TrajstoreError(f"out must be a {a[0].dtype} vector of {self._s.num_params} values on "
-                                     f"{a[0].device}", self._s.path)
-            if dev.type == "cuda":
-                return torch.cat(lerp_layers(a, b, ws), out=out)
-            for ta, tb, w, o in zip(a, b, ws, self._s._layer_views(out)):
+                out = torch.empty(s.num_params, dtype=a.flat.dtype, device=dev)
+            elif out.shape != (s.num_params,) or out.dtype != a.flat.dtype or out.device != a.flat.device:
+                raise TrajstoreError(f"out must be a {a.flat.dtype} vector of {s.num_params} values on "
+                                     f"{a.flat.device}", path)
+            elif out.requires_grad:
+                raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", path)
+            if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
+                s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out))
+                return out
+            if dev.type == "cuda":  # each operation a kernel launch: foreach launches over all layers, one cat
+                return torch.cat(lerp_layers(a.layers, b.layers, ws), out=out)
+            for ta, tb, w, o in zip(a.layers, b.layers, ws, s._layer_views(out)):
                 lerp(ta, tb, w, out=o)
             return out
         return {layer.name: lerp(ta, tb, w).view(layer.shape)
-                for layer, ta, tb, w in zip(self._s.layers, a, b, ws)}
+                for layer, ta, tb, w in zip(s.layers, a.layers, b.layers, ws)}
 
     def window(self, c: float, m: float, flat: bool = False, device=None, dtype=None):
         """(theta(c), theta(min(c + m, K))): the start and target of one matching iteration."""
@@ -295,8 +388,12 @@ class CTraj:
         self.layers = meta.layers
         self._numels = [layer.numel for layer in meta.layers]
         self.num_params = sum(self._numels)
-        self._uniform_dtype = len({layer.dtype for layer in meta.layers}) <= 1
+        dtypes = {layer.torch_dtype for layer in meta.layers}
+        self._uniform_dtype = len(dtypes) <= 1
+        self._stored_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None  # the layers' one dtype
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
+        self._out_array: tuple = (None, 0, None)  # ... and its numpy view
+        self._flat_lerp = _FlatLerp(self._numels)
         self._ids, self._unlisted = self._expert_ids()
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
@@ -410,29 +507,91 @@ class CTraj:
         self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
         return views
 
+    def _array_of(self, flat: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+        """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept for the last vector
+        like _layer_views."""
+        ref, ptr, arrays = self._out_array
+        if ref is not None and ref() is flat and flat.data_ptr() == ptr:
+            return arrays
+        array = flat.numpy()
+        arrays = (array, self._flat_lerp.split(array))
+        self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays)
+        return arrays
+
     # -- anchor cache -------------------------------------------------------------------------
 
-    def _anchor(self, expert: Expert, epoch: int, device: torch.device, dtype) -> list[torch.Tensor]:
-        """An anchor's layers as flat tensors: zero-copy mmap views on the CPU, cached copies elsewhere."""
+    def _anchor(self, expert: Expert, epoch: int, device: torch.device, dtype) -> "_Anchor":
+        """An anchor in the evaluation dtype on the device: its layers as views into one flat vector (copied
+        out of the memory-mapped file once, then cached) when they share a dtype, else one tensor each.
+        Cached under (expert id, epoch, device, dtype); _piece looks these keys up too."""
         key = (expert.id, epoch, str(device), dtype)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+        hit = self._hit(key)
+        if hit is not None:
+            return hit
         rel = anchor_name(epoch)
         buf = expert._bytes(rel, mapped=True)
         tensors = [t.reshape(-1) for t in anchorfile.decode(buf, self.layers, self._describe(f"{expert._dir}/{rel}"))]
-        if device.type != "cpu" or dtype is not None:
-            tensors = [t.to(device=device, dtype=dtype or t.dtype, copy=True) for t in tensors]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if dtype is not None or self._uniform_dtype:
+            flat = torch.empty(self.num_params, dtype=dtype or (tensors[0].dtype if tensors else torch.float32),
+                               device=device)
+            views = flat.split(self._numels)
+            for view, t in zip(views, tensors):
+                view.copy_(t)
+            held = _Anchor(flat, list(views))
+        else:
+            if device.type != "cpu":
+                tensors = [t.to(device=device, copy=True) for t in tensors]
+            held = _Anchor(None, tensors)
+        return self._keep(key, held, sum(t.numel() * t.element_size() for t in held.layers))
+
+    def _piece(self, expert: Expert, a: int, b: int, device: torch.device, dtype, flat: bool):
+        """(anchor a, anchor b, y - x or None) for the piece from epoch a to b: the difference (numpy, rounded
+        to the dtype, split into _FlatLerp's parts) only for a flat vector on the CPU in a numpy dtype. It does
+        not depend on c, so it is cached beside the anchors."""
+        where = str(device)
+        difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
+        keys = ((expert.id, a, where, dtype), (expert.id, b, where, dtype), (expert.id, a, b, where, dtype))
+        keys = keys if difference else keys[:2]
+        with self._lock:  # the usual case: all held
+            held = [self._cache.get(key) for key in keys]
+            if None not in held:
+                for key in keys:
+                    self._cache.move_to_end(key)
+                return held[0][0], held[1][0], held[2][0] if difference else None
+        x = self._anchor(expert, a, device, dtype)
+        y = self._anchor(expert, b, device, dtype)
+        if not difference:
+            return x, y, None
+        d = self._hit(keys[2])
+        if d is None:
+            d = np.subtract(y.array, x.array)
+            d = self._keep(keys[2], self._flat_lerp.split(d), d.nbytes, pinned=keys[:2])
+        return x, y, d
+
+    def _hit(self, key):
         with self._lock:
-            self._cache[key] = tensors
+            hit = self._cache.get(key)
+            if hit is None:
+                return None
+            self._cache.move_to_end(key)
+            return hit[0]
+
+    def _keep(self, key, value, nbytes: int, pinned: tuple = ()):
+        """Cache value (least recently used first out, `cache_bytes` for everything held). An anchor may push
+        out any older entry, and the newest stays even alone over the limit; a difference (pinned: its two
+        anchors) never pushes out its own anchors and is not kept where it does not fit beside them."""
+        with self._lock:
+            if key in self._cache:  # another thread read it meanwhile
+                return self._cache[key][0]
+            self._cache[key] = (value, nbytes)
             self._cached += nbytes
-            while self._cached > self._cache_bytes and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= sum(t.numel() * t.element_size() for t in old)
-        return tensors
+            for old in [k for k in self._cache if k != key and k not in pinned]:
+                if self._cached <= self._cache_bytes:
+                    break
+                self._cached -= self._cache.pop(old)[1]
+            if pinned and self._cached > self._cache_bytes:
+                self._cached -= self._cache.pop(key)[1]
+        return value
 
     def close(self) -> None:
         self._cache.clear()

@@ -1,0 +1,302 @@
+"""Upstream's default ConvNet (instance norm, ReLU, 2x2 average pooling) run from its parameters, with
+cheaper second derivatives for the distillation student.
+
+The matching loss differentiates through every student step's gradient, so each layer's backward is
+itself differentiated. On the CPU, PyTorch does that second differentiation expensively for two layers
+of this network (benchmarks/RESULTS.md §10 has the profile):
+
+- instance norm (`GroupNorm(C, C)`): the derivative of `native_group_norm_backward` is a composite of
+  ~20 full-size elementwise operations. `_InstanceNormBackward` below writes it out in closed form as a
+  few reductions and per-instance linear combinations of the same tensors.
+- 2x2 average pooling: `avg_pool2d` and `avg_pool2d_backward` run several times slower than the memory
+  traffic they need at these shapes. Pooling is linear and its adjoint is spreading each value over its
+  2x2 block, so `_Pool2` and `_Spread2` are each other's backward (differentiable to any order) and are
+  written with contiguous views.
+
+The arithmetic is the same as the module's up to float rounding (summation order); convolutions, ReLU
+and the classifier are PyTorch's own, whose autograd skips the outputs the caller does not need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+
+
+def _pool2(x: torch.Tensor) -> torch.Tensor:
+    """Sum of each 2x2 block over 4, as rows then columns of contiguous views."""
+    n, c, h, w = x.shape
+    rows = x.contiguous().view(n, c, h // 2, 2, w)
+    pairs = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
+    return (pairs[..., 0] + pairs[..., 1]).mul_(0.25)
+
+
+def _spread2(g: torch.Tensor) -> torch.Tensor:
+    """Each value over 4, copied to its 2x2 block: the adjoint of _pool2."""
+    n, c, h, w = g.shape
+    cols = (g * 0.25).unsqueeze(-1).expand(n, c, h, w, 2).reshape(n, c, h, 2 * w)
+    return torch.stack([cols, cols], 3).view(n, c, 2 * h, 2 * w)
+
+
+class _Pool2(Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _pool2(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _Spread2.apply(g)
+
+
+class _Spread2(Function):
+    @staticmethod
+    def forward(ctx, g):
+        return _spread2(g)
+
+    @staticmethod
+    def backward(ctx, gg):
+        return _Pool2.apply(gg)
+
+
+def avg_pool2(x: torch.Tensor) -> torch.Tensor:
+    """F.avg_pool2d(x, 2) (no padding, floor mode); even sizes take the fast path."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        return F.avg_pool2d(x, 2)
+    return _Pool2.apply(x)
+
+
+# Convolutions with fewer input channels than this run on PyTorch's own im2col + GEMM instead of oneDNN
+# (which loses on the first layer's 3 image channels); weight gradients are oneDNN's either way. 0 (off):
+# a run then gave last-bit different images in and out of a pytest process (tests/test_run.py's resume).
+_FEW_CHANNELS = 0
+
+
+@contextmanager
+def _backend(in_channels: int):
+    # torch.backends.mkldnn.enabled, not mkldnn.flags(): flags() also sets TF32 and warns about it
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = before and in_channels >= _FEW_CHANNELS
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def _engine_needs(ctx, i: int) -> bool:
+    """Whether the running backward pass uses input i's gradient: a custom Function's needs_input_grad
+    only says the input requires grad, and a student step's gradient w.r.t. theta never needs the
+    images' (the first convolution's input gradient, computed and dropped, would cost a convolution)."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # a leaf under autograd.grad, or an older torch: assume needed
+        return True
+
+
+def _conv(x, weight, padding):
+    with _backend(x.shape[1]):
+        return F.conv2d(x, weight, None, 1, padding)
+
+
+def _conv_input_grad(gy, weight, padding):
+    with _backend(weight.shape[1]):
+        return F.conv_transpose2d(gy, weight, None, 1, padding)
+
+
+def _conv_weight_grad(x, gy, weight, padding):
+    return torch.ops.aten.convolution_backward(gy, x, weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+
+
+class _Conv(Function):
+    """conv2d (stride 1, no dilation or groups) whose backward is made of _ConvInputGrad and
+    _ConvWeightGrad, so that its second derivatives are plain convolutions and weight gradients too
+    (PyTorch's double backward computes the weight term as a convolution of batch-transposed tensors,
+    slower than a weight gradient) and each runs on the faster backend for its channel count."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(x, weight)
+        with _backend(x.shape[1]):
+            return F.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = _ConvInputGrad.apply(gy, weight, ctx.padding) if _engine_needs(ctx, 0) else None
+        gw = _ConvWeightGrad.apply(x, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
+        gb = gy.sum((0, 2, 3)) if _engine_needs(ctx, 2) else None
+        return gx, gw, gb, None
+
+
+class _ConvInputGrad(Function):
+    @staticmethod
+    def forward(ctx, gy, weight, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(gy, weight)
+        return _conv_input_grad(gy, weight, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx):
+        gy, weight = ctx.saved_tensors
+        d_gy = _conv(ggx, weight, ctx.padding) if _engine_needs(ctx, 0) else None
+        d_weight = _conv_weight_grad(ggx, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
+        return d_gy, d_weight, None
+
+
+class _ConvWeightGrad(Function):
+    @staticmethod
+    def forward(ctx, x, gy, weight, padding):
+        ctx.padding = padding
+        ctx.save_for_backward(x, gy)
+        return _conv_weight_grad(x, gy, weight, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggw):
+        x, gy = ctx.saved_tensors
+        d_x = _conv_input_grad(gy, ggw, ctx.padding) if _engine_needs(ctx, 0) else None
+        d_gy = _conv(x, ggw, ctx.padding) if _engine_needs(ctx, 1) else None
+        return d_x, d_gy, None, None
+
+
+def conv2d(x, weight, bias, padding):
+    return _Conv.apply(x, weight, bias, padding)
+
+
+def _instance_dims(y: torch.Tensor) -> tuple[int, int, int]:
+    return y.shape[0], y.shape[1], y[0, 0].numel()
+
+
+class _InstanceNorm(Function):
+    """GroupNorm(C, C) with affine weight and bias: each (image, channel) plane normalised on its own."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps):
+        n, c, hw = _instance_dims(y)
+        out, mean, rstd = torch.native_group_norm(y, weight, bias, n, c, hw, c, eps)
+        ctx.save_for_backward(y, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weight, mean, rstd = ctx.saved_tensors
+        gy, gw, gb = _InstanceNormBackward.apply(g, y, weight, mean, rstd)
+        return gy, gw, gb, None
+
+
+def _plane_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum((2, 3), keepdim=True)
+
+
+def _plane_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n, c = a.shape[:2]
+    return torch.linalg.vecdot(a.reshape(n, c, -1), b.reshape(n, c, -1)).view(n, c, 1, 1)
+
+
+class _InstanceNormBackward(Function):
+    """(g, y, gamma) -> (dy, dgamma, dbeta) of instance norm, with its own derivative in closed form.
+
+    Per plane (D values, mean mu, r = 1/sqrt(var + eps), xhat = (y - mu) r), with the projection
+    N(u) = r (u - mean(u) - xhat <u, xhat> / D) (symmetric), the backward is
+        dy = N(gamma g),  dgamma = sum <g, xhat>,  dbeta = sum <g, 1>.
+    Given adjoints v, a, b of (dy, dgamma, dbeta), S = <v, dy> + a dgamma + b dbeta has
+        dS/dg     = gamma N(v) + a xhat + b
+        dS/dgamma = sum <g, N(v)>
+        dS/dy     = N(a g) - r/D (<v, xhat> N(h) + <h, xhat> N(v)) - r^2 K / D xhat,   h = gamma g,
+                    K = <v, h> - D mean(v) mean(h) - <v, xhat> <h, xhat> / D
+    (dr/dy = -r^2 xhat / D and dxhat/dy = r (I - 1/D - xhat xhat^T / D)). Every full-size term is a
+    per-plane linear combination of g, v, y and 1, so it costs five dot products and three axpys.
+    """
+
+    @staticmethod
+    def forward(ctx, g, y, weight, mean, rstd):
+        n, c, hw = _instance_dims(y)
+        ctx.save_for_backward(g, y, weight, mean, rstd)
+        return torch.ops.aten.native_group_norm_backward(g, y, mean, rstd, weight, n, c, hw, c, [True, True, True])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v, a, b):
+        g, y, weight, mean, rstd = ctx.saved_tensors
+        n, c, d = _instance_dims(y)
+        shape = (1, c, 1, 1)
+        v = torch.zeros_like(y) if v is None else v.contiguous()
+        a = torch.zeros(shape, dtype=y.dtype, device=y.device) if a is None else a.view(shape)
+        b = torch.zeros(shape, dtype=y.dtype, device=y.device) if b is None else b.view(shape)
+        gamma = weight.view(shape)
+        mu, r = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
+        sum_v, sum_g = _plane_sum(v), _plane_sum(g)
+        g_y = _plane_dot(g, y)
+        v_xhat = r * (_plane_dot(v, y) - mu * sum_v)       # <v, xhat>
+        g_xhat = r * (g_y - mu * sum_g)                    # <g, xhat>
+        v_g = _plane_dot(v, g)
+        # N(u) = r u + cy(u) y + c0(u): its y and constant coefficients for u = v and u = g
+        cy_v, cy_g = -r * r * v_xhat / d, -r * r * g_xhat / d
+        c0_v, c0_g = -r * sum_v / d - cy_v * mu, -r * sum_g / d - cy_g * mu
+        h_xhat = gamma * g_xhat
+        k = gamma * v_g - gamma * sum_v * sum_g / d - v_xhat * h_xhat / d
+        alpha = a - r / d * v_xhat * gamma                  # N(a g) - r/D <v, xhat> N(gamma g) = N(alpha g)
+        beta = -r / d * h_xhat                              # coefficient of N(v)
+        kr = r * r * k / d                                  # coefficient of -xhat = -(r y - r mu)
+        # (out-of-place addcmul with a broadcast first operand is several times slower than mul + add_)
+        dy = (y * (alpha * cy_g + beta * cy_v - kr * r)).add_(alpha * c0_g + beta * c0_v + kr * r * mu)
+        dy.addcmul_(alpha * r, g).addcmul_(beta * r, v)
+        dg = (y * (gamma * cy_v + a * r)).add_(gamma * c0_v - a * r * mu + b).addcmul_(gamma * r, v)
+        dgamma = (r * v_g + cy_v * g_y + c0_v * sum_g).sum(0).view(-1)
+        return dg, dy, dgamma, None, None
+
+
+def instance_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return _InstanceNorm.apply(y, weight, bias, eps)
+
+
+def convnet_forward(net: nn.Module) -> Callable | None:
+    """forward(params, x) for upstream's ConvNet, params keyed by parameter name; None where the network
+    has a layer this module does not run (any norm but instance norm, any activation but ReLU, max
+    pooling): FunctionalNet then uses torch.func.functional_call."""
+    from .convnet import ConvNet
+
+    if type(net) is not ConvNet:
+        return None
+    steps = []
+    for index, module in enumerate(net.features):
+        prefix = f"features.{index}."
+        if (type(module) is nn.Conv2d and module.stride == (1, 1) and module.dilation == (1, 1)
+                and module.groups == 1 and module.padding_mode == "zeros" and module.bias is not None):
+            steps.append(("conv", prefix, module))
+        elif type(module) is nn.GroupNorm and module.num_groups == module.num_channels and module.affine:
+            steps.append(("instancenorm", prefix, module))
+        elif type(module) is nn.ReLU:
+            steps.append(("relu", prefix, module))
+        elif (type(module) is nn.AvgPool2d and module.kernel_size == 2 and module.stride == 2
+              and module.padding == 0 and not module.ceil_mode):
+            steps.append(("avgpool", prefix, module))
+        else:
+            return None
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        for kind, prefix, m in steps:
+            if kind == "conv":
+                x = conv2d(x, params[prefix + "weight"], params[prefix + "bias"], list(m.padding))
+            elif kind == "instancenorm":
+                x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps)
+            elif kind == "relu":
+                x = torch.relu(x)
+            else:
+                x = avg_pool2(x)
+        return F.linear(x.reshape(x.size(0), -1), params["classifier.weight"], params["classifier.bias"])
+
+    return forward
