@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from trajstore.errors import TrajstoreError
 
 from .augment import STRATEGY, seeded_dsa
-from .batched import NetStack, stackable
+from .batched import NetStack, cpu_workers, side_by_side, stackable
 from .data import Dataset, load_dataset
 from .networks import build
 from .synset import load_synset, load_upstream, save_grid
@@ -55,10 +55,12 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                     together: bool | None = None, nets: Sequence[int] | None = None) -> EvalResult:
     """Train num_nets fresh `model`s on (images, labels) and test them on dataset's test set.
 
-    together: train the networks at once as one stacked network (`batched.NetStack`; same protocol,
-    same draws per network, same accuracies up to float rounding) or one by one. None: together on
-    a GPU, where one small network leaves it mostly idle, and one by one on the CPU, where stacking
-    does not pay (see benchmarks/RESULTS.md). Networks with batch norm are always trained one by one.
+    together: True trains the networks at once as one stacked network (`batched.NetStack`; same
+    protocol, same draws per network, same accuracies up to float rounding), False one after another.
+    None: stacked on a GPU, where one small network leaves it mostly idle; on the CPU, where stacking
+    does not pay, side by side, one network per core, each on one thread (`batched.side_by_side`:
+    each network its own plain loop), or with one core or one network the plain loop on all threads
+    (see benchmarks/RESULTS.md §8). Networks with batch norm are never stacked.
     nets: train only the networks with these numbers (< num_nets, each from its own seed), as processes
     that share an evaluation do (distill.distributed.parallel_evaluation); default all of them.
     """
@@ -82,8 +84,9 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
             nets.append(build(model, dataset.channel, dataset.num_classes, dataset.im_size).to(dev))
         generators.append(torch.Generator().manual_seed(s))
     augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
+    workers = 1
     if together is None:
-        together = dev.type == "cuda"
+        together, workers = dev.type == "cuda", cpu_workers(dev, len(nets))
     schedule = _Schedule(float(lr), epochs)
     with tqdm(total=len(nets) * (epochs + 1), desc="evaluate", unit="epoch", disable=not progress) as bar:
         if together and stackable(nets[0]):
@@ -96,17 +99,29 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                 bar.update(len(nets))
             accuracies = stack.accuracy(test_images, test_labels, device=dev)
         else:
-            accuracies = []
-            for k, net in enumerate(nets):
-                optimizer = schedule.optimizer(net.parameters())
-                for ep in range(epochs + 1):
-                    train_epoch(net, images, labels, optimizer=optimizer, batch_size=batch_size,
-                                augment=augments[k] if dsa else None, device=dev, generator=generators[k])
-                    optimizer = schedule.after_epoch(ep, net.parameters(), optimizer)
+            runs = [_network(net, images, labels, (test_images, test_labels), schedule, batch_size=batch_size,
+                             augment=augments[k] if dsa else None, generator=generators[k], device=dev)
+                    for k, net in enumerate(nets)]
+            accuracies = [0.0] * len(nets)
+            for k, item in side_by_side(runs, workers):
+                if item is None:  # an epoch done
                     bar.update()
-                accuracies.append(accuracy(net, test_images, test_labels, device=dev))
-                bar.set_postfix(last=f"{100 * accuracies[-1]:.2f}%")
+                else:
+                    accuracies[k] = item
+                    bar.set_postfix(last=f"{100 * item:.2f}%")
     return EvalResult.of(accuracies)
+
+
+def _network(net, images, labels, test, schedule: "_Schedule", *, batch_size: int, augment, generator,
+             device: torch.device):
+    """One network of the protocol: None after each of its epochs + 1 passes, then its test accuracy."""
+    optimizer = schedule.optimizer(net.parameters())
+    for ep in range(schedule.epochs + 1):
+        train_epoch(net, images, labels, optimizer=optimizer, batch_size=batch_size, augment=augment,
+                    device=device, generator=generator)
+        optimizer = schedule.after_epoch(ep, net.parameters(), optimizer)
+        yield None
+    yield accuracy(net, *test, device=device)
 
 
 class _Schedule:
@@ -114,7 +129,7 @@ class _Schedule:
     optimizer at a tenth of the lr (as upstream)."""
 
     def __init__(self, lr: float, epochs: int):
-        self.rate = lr
+        self.rate, self.epochs = lr, epochs
         self.decay_after = epochs // 2 + 1
 
     def optimizer(self, params) -> torch.optim.SGD:

@@ -8,11 +8,14 @@ started again continues at the next missing expert and produces what an uninterr
 In a process group (distill.distributed: `--nproc N` or torchrun) every process runs `train_experts`
 with the same settings; they take the missing experts one at a time from a shared counter and publish
 them into the one store (the writer publishes each expert atomically on its own), so expert i is the
-same whichever process trained it and however many there were.
+same whichever process trained it and however many there were. Separate jobs writing one store (a
+local directory or a URL such as s3://bucket/experts.ctraj) share out the experts through claims in
+the store itself (distill.claims), so no expert is trained by two processes at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -24,13 +27,15 @@ from tqdm.auto import tqdm
 
 import trajstore
 from trajstore.stores import atomic
+from trajstore.stores.location import locate, open_store
 from trajstore.errors import FormatError, TrajstoreError
 from trajstore.format.layout import ROOT_META, StoreMeta
 from trajstore.legacy import loading as legacy_loading, validation as legacy_validation
 
 from . import distributed
 from .augment import seeded_dsa, strategy_operations
-from .batched import NetStack, stackable
+from .batched import stackable, trained_at_once
+from .claims import Claims
 from .data import Dataset, load_dataset
 from .defaults import EXPERTS
 from .networks import build_spec, config_for
@@ -49,22 +54,28 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                   smoothing: str | None = None,
                   legacy_dir: str | os.PathLike | None = None, seed: int = EXPERTS.seed,
                   device: str | torch.device | None = None, progress: bool = True,
-                  log: Callable[[str], object] = print, batch_experts: int = EXPERTS.batch_experts) -> Path:
-    """Train experts 0..num_experts-1 with SGD into the .ctraj `out` (defaults: distill.defaults).
+                  log: Callable[[str], object] = print, batch_experts: int = EXPERTS.batch_experts,
+                  storage_options: dict | None = None) -> Path | str:
+    """Train experts 0..num_experts-1 with SGD into the .ctraj `out` (defaults: distill.defaults): a
+    local path (returned as a Path) or an fsspec URL (returned as given; `storage_options` go to its
+    filesystem, as in `trajstore.open`).
 
     Experts already complete in `out` are kept and skipped; the settings must match those the store
     was started with. dataset is a name for `load_dataset` (with data_path and zca) or an already
     loaded `Dataset`. device: CUDA when present, else the CPU, unless given. With
     legacy_dir, the same runs also go to `legacy_dir/replay_buffer_{n}.pt`, 10 trajectories per file,
     in upstream's layout (each timestep copied, so CPU runs do not alias their timesteps).
-    batch_experts > 1 trains that many experts at once as one stacked network (`batched.NetStack`):
-    each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
+    batch_experts > 1 trains that many experts at once (`batched.trained_at_once`: as one stacked
+    network on a GPU, side by side on the CPU's cores): each keeps its own seed, data order and DSA draws, so expert i is the same as when trained alone
     (up to float rounding). Networks with batch norm, and runs in a process group (whose queue hands
     out one expert at a time), are trained one by one regardless.
     `smoothing` ("binomial", "neighbour-mean"; default none) smooths the stored anchors (docs/format.md §4.1).
     In a process group (see the module's doc) only rank 0 reports, with one bar over all experts' epochs.
+    Several jobs may write one store at once: each trains the experts no other has claimed (the
+    claims: distill.claims) and says which it left to the others.
     """
-    out = Path(out)
+    target = locate(out, storage_options)
+    out = target.path if target.path is not None else target.url
     group = distributed.current()
     main = group is None or group.is_main
     try:
@@ -89,7 +100,8 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                 "weight_decay": weight_decay, "optimizer": "SGD", "dsa": dsa,
                 "dsa_strategy": dsa_strategy if dsa else None,
                 "seed": seed, "num_train": len(ds.train_labels)}
-    _check_resumable(out, architecture, training)
+    store = open_store(target, mode="w")
+    _check_resumable(store, architecture, training)
     train = ds.train_images.to(dev), ds.train_labels.to(dev)
     test = ds.test_images.to(dev), ds.test_labels.to(dev)
 
@@ -105,7 +117,9 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
         group.barrier()  # rank 0 creates the store (or fails) first; the others join it
     with trajstore.create(out, layers, epochs + 1, waypoints=waypoints, smoothing=smoothing,
                           architecture=architecture,
-                          training=training, provenance={"generator": "distill.experts"}, append=True) as w:
+                          training=training, provenance={"generator": "distill.experts"}, append=True,
+                          storage_options=storage_options) as w, \
+            _claiming(store, lambda i: i in w.existing_experts()) as claims:
         if group is not None and main:
             group.barrier()
         twin = _LegacyTwin(Path(legacy_dir)) if legacy_dir is not None else None
@@ -120,6 +134,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
         finished = found() if group is None else group.on_main(found)
         todo = [i for i in range(num_experts) if i not in set(finished)]
         queue = _Queue(todo, epochs, group)
+        left = _Left(twin)  # experts another job was training (it holds their claims)
         say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev}"
             + (f" x {group.world_size} processes)" if group is not None else ")"))
         with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not (progress and main)) as bar:
@@ -127,11 +142,24 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                               weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy,
                               epochs=epochs)
             for first in range(0, len(todo) if stacked else 0, batch_experts):
-                _train_together(todo[first:first + batch_experts], lambda: build_spec(config), w, twin, say, bar,
-                                **group_args)
+                batch = []
+                for i in todo[first:first + batch_experts]:
+                    if claims.acquire(i):
+                        batch.append(i)
+                    else:
+                        left.add(i)
+                        queue.skip(bar)
+                if batch:
+                    _train_together(batch, lambda: build_spec(config), w, twin, say, bar, **group_args)
+                for i in batch:
+                    claims.release(i)
                 if twin is not None:
                     twin.merge(set(w.existing_experts()))
             for index in [] if stacked else queue:
+                if not claims.acquire(index):
+                    left.add(index)
+                    queue.skip(bar)
+                    continue
                 s = derived_seed(seed, index)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(s)
@@ -160,6 +188,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                     record["seconds"] = time.perf_counter() - started
                     if twin is not None:
                         twin.add(index, trajectory)  # before the expert is published: see _LegacyTwin
+                claims.release(index)
                 say(f"expert {index} done in {record['seconds']:.1f} s: "
                     f"test acc {100 * record['test_acc'][-1]:.2f}%")
                 if twin is not None and main:
@@ -167,6 +196,10 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
             queue.wait_for_all(bar)
         if group is not None:
             group.barrier()  # every expert published before the store is closed and the twin finished
+            left.experts = sorted(i for ours in group.gather(left.experts) for i in ours)
+        if left.experts:
+            say(f"{out}: left experts {left.experts} to another job that is training them (it holds their "
+                "claims); run this again afterwards to train any it did not finish")
         if twin is not None and main:
             twin.merge(set(w.existing_experts()))
     return out
@@ -186,7 +219,7 @@ def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w
             nets.append(make_net().to(dev))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     augments = [seeded_dsa(g, dsa_strategy) for g in generators] if dsa else None
-    stack = NetStack(nets)
+    stack = trained_at_once(nets, dev)
     del nets
     optimizer = torch.optim.SGD(stack.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     records = [{"seed": s, "device": str(dev), "batch_experts": len(group), "train_acc": [], "test_acc": [],
@@ -227,13 +260,28 @@ def _train_together(group: list[int], make_net: Callable[[], torch.nn.Module], w
         raise
 
 
+class _Left:
+    """The experts this job leaves to another that holds their claims. A legacy twin cannot follow:
+    its buffer files are this job's own and must hold every expert, in order."""
+
+    def __init__(self, twin: "_LegacyTwin | None"):
+        self.twin, self.experts = twin, []
+
+    def add(self, index: int) -> None:
+        if self.twin is not None:
+            raise TrajstoreError(f"expert {index} is being trained by another job writing this store (it holds "
+                                 "the expert's claim), but --legacy-dir needs every expert from this job: run "
+                                 "one job with a legacy twin, or leave --legacy-dir out", self.twin.dir)
+        self.experts.append(index)
+
+
 class _Queue:
     """The experts still to train, handed out one at a time: in order alone; in a process group from a
     counter in the group's store, so a process that is free takes the next one; plus the count of
     epochs done by every process, which rank 0's progress bar shows."""
 
     def __init__(self, todo: list[int], epochs: int, group: distributed.Group | None):
-        self.todo, self.group, self.total, self.done = todo, group, len(todo) * epochs, 0
+        self.todo, self.group, self.total, self.done, self.per = todo, group, len(todo) * epochs, 0, epochs
         if group is not None:
             run = group.broadcast(uuid.uuid4().hex)  # fresh counters for this run
             self.taken, self.epochs = group.counter(f"experts/{run}/taken"), group.counter(f"experts/{run}/epochs")
@@ -249,6 +297,10 @@ class _Queue:
         bar.update(done - self.done)
         self.done = done
 
+    def skip(self, bar) -> None:
+        """An expert handed out here that another job trains: its epochs count as done."""
+        self._show(self.done + self.per if self.group is None else self.epochs.add(self.per), bar)
+
     def epoch_done(self, bar) -> None:
         self._show(self.done + 1 if self.group is None else self.epochs.add(1), bar)
 
@@ -261,14 +313,23 @@ class _Queue:
             self._show(self.epochs.value, bar)
 
 
-def _check_resumable(out: Path, architecture: dict, training: dict) -> None:
-    """Refuse to append experts trained differently from those already in `out`."""
-    if not out.exists():
+@contextlib.contextmanager
+def _claiming(store, published):
+    claims = Claims(store, published)
+    try:
+        yield claims
+    finally:
+        claims.release_all()
+
+
+def _check_resumable(store, architecture: dict, training: dict) -> None:
+    """Refuse to append experts trained differently from those already in the store."""
+    out = store.url
+    if not store.present():
         return
-    meta_path = out / ROOT_META
-    if not meta_path.is_file():
+    if not store.exists(ROOT_META):
         raise FormatError("exists but is not a .ctraj directory (no zarr.json); choose another output", out)
-    existing = StoreMeta.decode(meta_path.read_bytes(), meta_path)
+    existing = StoreMeta.decode(store.read_bytes(ROOT_META), store.describe(ROOT_META))
     diffs = [f"{k}: {existing.training.get(k)!r} there, {v!r} now" for k, v in training.items()
              if existing.training.get(k) != v]
     if existing.architecture != architecture:
@@ -359,11 +420,12 @@ class _LegacyTwin:
             self.parts.rmdir()
 
 
-def plot_accuracy(ctraj: str | os.PathLike, png: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def plot_accuracy(ctraj: str | os.PathLike, png: str | os.PathLike, *, overwrite: bool = False,
+                  storage_options: dict | None = None) -> Path:
     """Test accuracy per epoch of every expert in a .ctraj written by `train_experts`, as a PNG."""
     from matplotlib.figure import Figure
 
-    store = trajstore.open(ctraj)
+    store = trajstore.open(ctraj, storage_options=storage_options)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for expert in store:

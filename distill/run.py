@@ -142,18 +142,20 @@ class DistillConfig:
         self.match_config()  # its own checks of syn_steps, batch_syn, lr_img, lr_lr
 
     @classmethod
-    def from_preset(cls, source: str | os.PathLike, preset: str | None = None, **overrides) -> "DistillConfig":
+    def from_preset(cls, source: str | os.PathLike, preset: str | None = None, *,
+                    storage_options: dict | None = None, **overrides) -> "DistillConfig":
         """A config from a named preset (see distill.presets), with every non-None override on top.
 
         A preset fixes the method; a preset name without one takes the method of the run (`method`,
-        else the kind of source), and a preset of the other method is refused.
+        else the kind of source, at a URL reached with `storage_options`), and a preset of the other
+        method is refused.
         """
         overrides = {k: v for k, v in overrides.items() if v is not None}
         chosen = None
         if preset:
             method = overrides.get("method")
             if method is None and preset.strip().lower().split("-", 1)[0] not in METHODS:
-                method = method_for(source)
+                method = method_for(source, storage_options=storage_options)
             chosen = get_preset(preset, method)
         settings = {**(chosen.settings() if chosen else {}), **overrides}
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
@@ -207,7 +209,7 @@ class Experts:
 
     source: TrajectorySource
     method: str
-    path: Path
+    path: Path | str  # a local path, or a URL
     training: dict
     architecture: dict | None
     layers: tuple
@@ -228,7 +230,8 @@ def load_result(out_dir: str | os.PathLike) -> DistillResult:
         raise FormatError(f"not a distillation result ({type(exc).__name__}: {exc})", path) from None
 
 
-def method_for(path: str | os.PathLike, method: str | None = None, *, kind: str | None = None) -> str:
+def method_for(path: str | os.PathLike, method: str | None = None, *, kind: str | None = None,
+               storage_options: dict | None = None) -> str:
     """`method`, or the one the source at `path` calls for: mct for a .ctraj, mtt for anything else.
     `kind` is `kind_of(path)` when the caller has it already (saves locating the path again)."""
     if method:
@@ -236,45 +239,49 @@ def method_for(path: str | os.PathLike, method: str | None = None, *, kind: str 
     if kind is None:
         from trajstore.tools.inspect import kind_of
 
-        kind = kind_of(path)
+        kind = kind_of(path, storage_options)
     return "mct" if kind == "ctraj" else "mtt"
 
 
 def open_experts(path: str | os.PathLike, method: str | None = None, *, model: str | None = None,
-                 max_experts: int | None = None, max_files: int | None = None) -> Experts:
+                 max_experts: int | None = None, max_files: int | None = None,
+                 storage_options: dict | None = None) -> Experts:
     """The trajectory source at `path`: a .ctraj for MCT, a legacy buffer or packed archive for MTT.
 
     `method` None picks by what the path is (see `method_for`). `model` names a legacy buffer's tensors
     (they carry no names; by default they are inferred from their shapes). `max_experts` / `max_files`
-    restrict the experts as upstream's flags do (see distill.subsets).
+    restrict the experts as upstream's flags do (see distill.subsets). `path` may be a URL
+    (s3://bucket/experts.ctraj); `storage_options` go to its filesystem, as in `trajstore.open`.
     """
+    from trajstore.stores.location import locate
     from trajstore.tools.convert import open_source
-    from trajstore.tools.inspect import kind_of
 
-    path = Path(path)
-    if not path.exists():
+    location = locate(path, storage_options)
+    path = location.path if location.path is not None else location.url
+    kind = location.kind
+    if kind == "missing":
         raise FormatError("no such .ctraj, legacy buffer or archive", path)
-    kind = kind_of(path)
     method = method_for(path, method, kind=kind)
     if method == "mct":
         if kind != "ctraj":
             raise TrajstoreError(f"MCT distills from a .ctraj but this is a {kind} buffer: convert it first "
                                  f"(`trajstore convert {path} OUT.ctraj`) or use --method mtt", path)
-        store = trajstore.open(path)
+        store = trajstore.open(location.target, storage_options=storage_options)
         return Experts(ConvexifiedSource(expert_subset(store, max_experts, max_files)), method, path,
                        dict(store.training), store.architecture, store.layers, store.nbytes)
     if kind == "ctraj":
         raise TrajstoreError("classic MTT reads the stored epochs of a legacy buffer or packed archive, but "
                              "this is a .ctraj (convexified): use --method mct", path)
-    buffer = open_source(path, architecture=model)
+    buffer = open_source(location, architecture=model)
     return Experts(LegacySource(expert_subset(buffer, max_experts, max_files), path), method, path,
                    dict(buffer.training or {}), buffer.architecture, buffer.layers, buffer.nbytes)
 
 
-def default_out_dir(config: DistillConfig) -> Path:
-    """`<source name>-<method>-ipc<ipc>` in the working directory."""
-    source = Path(config.source.rstrip("/\\"))
-    return Path(f"{source.stem}-{method_for(source, config.method)}-ipc{config.ipc}")
+def default_out_dir(config: DistillConfig, storage_options: dict | None = None) -> Path:
+    """`<source name>-<method>-ipc<ipc>` in the working directory (also for a source at a URL)."""
+    source = config.source.rstrip("/\\")
+    stem = Path(source.rsplit("/", 1)[-1]).stem
+    return Path(f"{stem}-{method_for(source, config.method, storage_options=storage_options)}-ipc{config.ipc}")
 
 
 def _dataset_key(name: str) -> str:
@@ -290,10 +297,10 @@ class _Setup:
     lr_teacher: float
 
 
-def _setup(config: DistillConfig) -> _Setup:
+def _setup(config: DistillConfig, storage_options: dict | None = None) -> _Setup:
     """Open the experts, settle what the metadata decides, load the data; refuse inconsistencies."""
     experts = open_experts(config.source, config.method, model=config.model, max_experts=config.max_experts,
-                           max_files=config.max_files)
+                           max_files=config.max_files, storage_options=storage_options)
     training, arch = experts.training, experts.architecture or {}
     zca = bool(training.get("zca", False)) if config.zca is None else config.zca
     check_zca(training, zca, experts.path)
@@ -418,25 +425,30 @@ def plot_accuracy(runs: dict[str, list[dict]], png: str | os.PathLike, *, title:
 
 
 def distill(config: DistillConfig, out_dir: str | os.PathLike, *, resume: bool = True, overwrite: bool = False,
-            progress: bool = True, log: Callable[[str], object] = print, logger: str | None = None) -> DistillResult:
+            progress: bool = True, log: Callable[[str], object] = print, logger: str | None = None,
+            storage_options: dict | None = None) -> DistillResult:
     """Run (or resume) the distillation `config` describes, writing the folder described above.
 
     An unfinished run in `out_dir` is resumed when `resume` (same settings required); a finished one
     is replaced only with `overwrite`. `logger` ("tensorboard" or "wandb", see distill.loggers) also
     receives every metrics.jsonl record. In a process group (distill.distributed) every process runs
     this with the same settings: each student step's images are split over the processes, the
-    evaluation networks too, and only rank 0 writes `out_dir`, logs and reports.
+    evaluation networks too, and only rank 0 writes `out_dir`, logs and reports. `config.source` may
+    be a URL (s3://bucket/experts.ctraj), reached with `storage_options` (kept out of config.json, as
+    they may hold credentials); `out_dir` is a local folder.
     """
     began = time.perf_counter()
     loggers.require(logger)
-    out = Path(out_dir)
+    from trajstore.stores.location import locate
+
+    out = locate(out_dir).local("a distillation run folder")
     group = distributed.current()
     main = group is None or group.is_main
     if group is not None:
         group.check_same("distillation", {**{k: v for k, v in config.to_json().items() if k != "data_path"},
                                           "out_dir": str(out), "resume": resume, "overwrite": overwrite})
     device = distributed.device_for(config.device)
-    setup = _setup(config)
+    setup = _setup(config, storage_options)
     experts, ds = setup.experts, setup.dataset
     _check_windows(config, experts.source)
     on_main = group.on_main if group is not None else (lambda fn, *a, **k: fn(*a, **k))

@@ -6,6 +6,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # -- legacy buffers, made the way upstream code makes them (trajstore.legacy tests) ----------------
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -82,3 +84,28 @@ def legacy_buffer(tmp_path, legacy_write):
     """(model directory buffers/CIFAR10_NO_ZCA/ConvNet, its trajectories): 5 experts x 11 timesteps, 2 per file."""
     directory = tmp_path / "buffers" / "CIFAR10_NO_ZCA" / "ConvNet"
     return directory, legacy_write(directory, 5, per_file=2)
+
+
+# -- a real S3 API on 127.0.0.1 (moto's server), for the remote-store tests --------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free 127.0.0.1 port, once per session, with a bucket for the tests."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:  # dummy credentials, inherited by subprocess writers
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="trajstore-tests")
+        yield endpoint
+        server.stop()

@@ -116,8 +116,10 @@ def test_evaluate_benchmark(tmp_path):
 
     r = result(bench_evaluate.main(["--epochs", "1", "--nets", "2", "--model", "ConvNetW8",
                                     "--out", str(tmp_path / "e.json")]))["cpu"]
-    assert set(r["accuracies"]) == {"one_network", "k_one_by_one", "k_together"}
-    assert len(r["accuracies"]["k_together"]) == 2 and r["cpu_ratio_k_together_over_one"] > 0
+    assert set(r["accuracies"]) == {"one_network", "one_network_one_thread", "k_default", "k_one_by_one",
+                                    "k_together"}
+    assert len(r["accuracies"]["k_together"]) == 2 and r["cpu_ratio_over_one_network"]["k_together"] > 0
+    assert r["breakdown"]["step_flops"] > 0 and r["breakdown"]["step_cpu_s"] > 0
 
 
 def test_experts_benchmark(tmp_path):

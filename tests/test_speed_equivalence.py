@@ -53,7 +53,7 @@ def test_flat_points_with_reused_and_alternating_out_buffers(tmp_path):
 # -- networks trained together ---------------------------------------------------------------------
 
 from trajstore.distill.augment import seeded_dsa  # noqa: E402
-from trajstore.distill.batched import NetStack  # noqa: E402
+from trajstore.distill.batched import NetGroup, NetStack, side_by_side  # noqa: E402
 from trajstore.distill.data import load_dataset  # noqa: E402
 from trajstore.distill.evaluate import evaluate_synset, random_subset  # noqa: E402
 from trajstore.distill.networks import build  # noqa: E402
@@ -71,7 +71,8 @@ def _fresh(seed):
         return build("ConvNetW8", 3, 10, (16, 16))
 
 
-def test_stacked_networks_follow_the_trajectories_of_networks_trained_alone(digits16):
+@pytest.mark.parametrize("make", [NetStack, lambda nets: NetGroup(nets, workers=2)], ids=["stacked", "side-by-side"])
+def test_networks_trained_at_once_follow_the_trajectories_of_networks_trained_alone(digits16, make):
     images, labels = random_subset(digits16, 4, seed=0)  # 40 images, batch 16: 3 shuffled batches per epoch
     seeds = [11, 12, 13]
     alone, alone_stats = [], []
@@ -82,7 +83,7 @@ def test_stacked_networks_follow_the_trajectories_of_networks_trained_alone(digi
                                         device="cpu", generator=g) for _ in range(3)][-1])
         alone.append(net)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    stack = NetStack([_fresh(s) for s in seeds])
+    stack = make([_fresh(s) for s in seeds])
     opt = torch.optim.SGD(stack.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for _ in range(3):
         losses, accs = stack.train_epoch(images, labels, optimizer=opt, batch_size=16, generators=gens,
@@ -101,9 +102,64 @@ def test_evaluation_together_gives_the_accuracies_of_one_by_one(digits16):
     kw = dict(lr=0.01, num_nets=3, epochs=8, model="ConvNetW8", seed=5, progress=False)
     one_by_one = evaluate_synset(images, labels, digits16, together=False, **kw)
     together = evaluate_synset(images, labels, digits16, together=True, **kw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the CPU default: side by side on 2 workers (3 networks: uneven on purpose)
+    try:
+        side_by_side_ = evaluate_synset(images, labels, digits16, **kw)
+    finally:
+        torch.set_num_threads(before)
     step = 1 / len(digits16.test_labels)  # float rounding may flip at most a borderline test image
     assert np.allclose(together.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
+    assert np.allclose(side_by_side_.accuracies, one_by_one.accuracies, atol=1.01 * step, rtol=0)
     assert len(set(one_by_one.accuracies)) > 1  # each network its own draws
+
+
+def test_side_by_side_runs_share_the_workers_and_keep_each_runs_order():
+    import threading
+    import time
+
+    seen, threads = [], []
+
+    def run(k, n):
+        for i in range(n):
+            time.sleep(0.002)
+            seen.append(threading.current_thread().name)
+            threads.append(torch.get_num_threads())
+            yield (k, i)
+
+    before = torch.get_num_threads()
+    lengths = [5, 3, 6, 1, 4]
+    got = list(side_by_side([run(k, n) for k, n in enumerate(lengths)], workers=2))
+    assert torch.get_num_threads() == before
+    assert sorted(got) == sorted((k, (k, i)) for k, n in enumerate(lengths) for i in range(n))
+    for k, n in enumerate(lengths):  # each run's items in its own order
+        assert [item for j, item in got if j == k] == [(k, i) for i in range(n)]
+    assert len(set(seen)) == 2 and threading.current_thread().name not in seen
+    assert set(threads) == {1}  # one intra-op thread per worker
+    # round robin: the first items of every run come before the last item of the longest one
+    assert max(got.index((k, (k, 0))) for k in range(5)) < got.index((2, (2, 5)))
+    # one worker: the runs in turn on this thread, with torch's threads as they are
+    assert list(side_by_side([run(0, 2), run(1, 1)], workers=1)) == [(0, (0, 0)), (0, (0, 1)), (1, (1, 0))]
+    assert seen[-3:] == [threading.current_thread().name] * 3 and threads[-3:] == [before] * 3
+
+
+def test_side_by_side_raises_the_first_error_and_stops():
+    import time
+
+    started = []
+
+    def run(k):
+        for i in range(1000):
+            time.sleep(0.001)
+            started.append(k)
+            if k == 1 and i == 2:
+                raise ValueError("run 1 failed")
+            yield i
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="run 1 failed"):
+        list(side_by_side([run(0), run(1)], workers=2))
+    assert torch.get_num_threads() == before and len(started) < 200
 
 
 # -- experts trained together ----------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from trajstore.cli.main import cli
-from trajstore.cli.options import DISTILL_ALIASES, UpstreamCommand, no_log, nproc_option, upstream_expert_dir
+from trajstore.cli.options import (DISTILL_ALIASES, UpstreamCommand, no_log, nproc_option, storage_option,
+                                   upstream_expert_dir)
 
 
 def _im_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -77,11 +78,14 @@ def _list_presets(ctx, param, value) -> None:
 @click.option("--device", help="cuda, cpu, ... [CUDA when present].")
 @click.option("--seed", type=int, help="Seed of every random choice [0].")
 @nproc_option
-@click.option("--out", type=click.Path(), help="Output folder [<SOURCE name>-<method>-ipc<ipc>].")
+@click.option("--out", type=click.Path(), help="Output folder, a local path [<SOURCE name>-<method>-ipc<ipc>].")
 @click.option("--force", is_flag=True, help="Replace a finished (or unfinished) run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-evaluation lines.")
-def distill_command(source, config_path, buffer_path, logger, preset, out, force, quiet, nproc, **settings):
-    """Distill a synthetic set from the experts in SOURCE; run it again to resume an interrupted run.
+@storage_option
+def distill_command(source, config_path, buffer_path, logger, preset, out, force, quiet, nproc, storage_options,
+                    **settings):
+    """Distill a synthetic set from the experts in SOURCE (a path, or a URL such as
+    s3://bucket/experts.ctraj); run it again to resume an interrupted run. The run folder (--out) is local.
 
     MTT-family spellings work too (--syn_steps, --Iteration, --dsa False, --buffer_path, ...): see
     docs/integrations.md."""
@@ -98,11 +102,12 @@ def distill_command(source, config_path, buffer_path, logger, preset, out, force
     elif source is None:
         raise click.UsageError("give SOURCE (a .ctraj, legacy buffer or archive), --buffer_path, or --config")
     else:
-        config = DistillConfig.from_preset(source, preset, **settings)
-    out = out or default_out_dir(config)
-    result = launch(distill, nproc, (config, out), dict(overwrite=force, progress=not quiet,
-                                                         log=no_log if quiet else click.echo, logger=logger),
-                    device=config.device)
+        config = DistillConfig.from_preset(source, preset, storage_options=storage_options, **settings)
+    out = out or default_out_dir(config, storage_options)
+    options = dict(overwrite=force, progress=not quiet, log=no_log if quiet else click.echo, logger=logger)
+    if storage_options:
+        options["storage_options"] = storage_options
+    result = launch(distill, nproc, (config, out), options, device=config.device)
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return
     click.echo(f"final set: {result.final_path} (test accuracy {result.final})")

@@ -8,7 +8,7 @@ import click
 
 from trajstore.cli.main import cli
 from trajstore.cli.options import (EXPERTS_ALIASES, SMOOTHING_CHOICES, SMOOTHING_HELP, UpstreamCommand, epoch_list,
-                                   no_log, nproc_option, upstream_expert_dir)
+                                   no_log, nproc_option, storage_option, upstream_expert_dir)
 from trajstore.distill.defaults import EXPERTS
 
 # The defaults are train_experts' own (decided in distill.defaults, which imports no torch): an option
@@ -54,8 +54,11 @@ def default(name: str, flag: str | None = None) -> str:
 @click.option("--plot", type=click.Path(), help="Also draw every expert's test accuracy per epoch to this PNG.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
-def experts_command(out, buffer_path, nproc, plot, force, quiet, **settings):
-    """Train experts and write them to the .ctraj OUT; run it again to continue an interrupted job.
+@storage_option
+def experts_command(out, buffer_path, nproc, plot, force, quiet, storage_options, **settings):
+    """Train experts and write them to the .ctraj OUT (a path, or a URL such as s3://bucket/experts.ctraj);
+    run it again to continue an interrupted job. Several jobs may write one OUT at once: each trains
+    the experts no other job has claimed. --legacy-dir and --plot are local paths.
 
     buffer.py's spellings work too (--train_epochs, --lr_teacher, --mom, --l2, --dsa False, --buffer_path, ...)."""
     from trajstore.distill.distributed import launch
@@ -70,9 +73,11 @@ def experts_command(out, buffer_path, nproc, plot, force, quiet, **settings):
         chosen = {**DEFAULTS, **given}
         given["legacy_dir"] = upstream_expert_dir(buffer_path, chosen["dataset"], chosen["zca"], chosen["model"])
     given.update(progress=not quiet, log=no_log if quiet else click.echo)
+    if storage_options:
+        given["storage_options"] = storage_options
     path = launch(train_experts, nproc, (out,), given, device=settings["device"])
     if path is None:  # a torchrun worker other than rank 0: rank 0 reports
         return
     click.echo(f"wrote {path}")
     if plot:
-        click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force)}")
+        click.echo(f"wrote {plot_accuracy(path, plot, overwrite=force, storage_options=storage_options)}")

@@ -17,7 +17,11 @@ from trajstore.cli.options import SOURCE, storage_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 def pack_command(src, out, arch, kind, force, quiet, storage_options):
-    """Pack every trajectory of the legacy buffer SRC, losslessly, into the archive OUT."""
+    """Pack every trajectory of the legacy buffer SRC, losslessly, into the archive OUT.
+
+    Either may be a URL (s3://bucket/buffers/CIFAR10/ConvNet, s3://bucket/full.zarr, ...): a buffer at
+    a URL is downloaded to a temporary directory first; at a URL, --force deletes the old archive
+    before the new one is written (an object store has no rename)."""
     from trajstore.archive import pack
 
     click.echo(str(pack(src, out, overwrite=force, progress=not quiet, architecture=arch, kind=kind,
@@ -33,9 +37,14 @@ def pack_command(src, out, arch, kind, force, quiet, storage_options):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 def unpack_command(archive, out_dir, per_file, as_source, force, quiet, storage_options):
-    """Write the archive's trajectories back as bit-identical replay_buffer_{n}.pt files."""
+    """Write the archive's trajectories back as bit-identical replay_buffer_{n}.pt files.
+
+    Either may be a URL; at a URL each file appears whole, replay_buffer_0.pt last."""
+    from pathlib import Path
+
     from trajstore.archive import unpack
 
     files = unpack(archive, out_dir, per_file=None if as_source else per_file, overwrite=force, progress=not quiet,
                    storage_options=storage_options)
-    click.echo(f"wrote {len(files)} file(s) to {out_dir}: {sum(f.stat().st_size for f in files):,} bytes")
+    size = f": {sum(f.stat().st_size for f in files):,} bytes" if all(isinstance(f, Path) for f in files) else ""
+    click.echo(f"wrote {len(files)} file(s) to {out_dir}{size}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,15 +12,15 @@ import torch
 from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
-from ..stores.location import locate
-from ..stores.overlap import check_separate
+from ..stores.files import DirectoryStore
+from ..stores.location import locate, open_store, where
+from ..stores.overlap import check_separate, check_targets_separate
 from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
-from ..legacy import open_buffer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
-from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, is_archive,
-                    open_archive, seal_root, trajectory_sha256)
+from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, open_archive, seal_root,
+                    trajectory_sha256)
 from ..tools.reports import WriteReport
 from ..tools.threads import single_threaded
 
@@ -57,26 +56,42 @@ def _bits(tensors: list[torch.Tensor]) -> np.ndarray:
 @os_errors(arg="out")
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True,
          architecture=None, kind: str | None = None, storage_options: dict | None = None) -> PackReport:
-    """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`."""
-    import zarr
-    from zarr.storage import LocalStore
+    """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`.
 
-    out = locate(out, storage_options).local("writing an archive")  # archives live on local paths
-    check_separate([src], out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
-    if is_archive(src):
-        raise TrajstoreError("is already a packed archive", src)
-    source = open_buffer(src, architecture=architecture, kind=kind)
+    Either may be a URL (s3://bucket/full.zarr; `storage_options` go to its filesystem). A local archive
+    is built beside `out` and renamed into place. At a URL it is written in place (an object store has
+    no rename; `overwrite` deletes the old archive first) and opens as an archive only once its root is
+    sealed, the last write.
+    """
+    import zarr
+
+    from ..tools.convert import open_source
+
+    source_at, target = locate(src, storage_options), locate(out, storage_options)
+    check_targets_separate([source_at], target)
+    out_store = open_store(target, mode="w")
+    out_store._writable()
+    present = out_store.present()
+    if present and not overwrite:
+        raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
+    if source_at.kind == "archive":
+        raise TrajstoreError("is already a packed archive", source_at.url)
+    source = open_source(source_at, architecture=architecture, kind=kind)
     if isinstance(source, MCTPairBuffer):
         raise FormatError(f"is an MCT waypoint store ({source.kind}), already compressed; convert it to a "
-                          ".ctraj instead (packing keeps full trajectories)", src)
-    check_separate(source.files, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.temp_sibling(out, "build")
+                          ".ctraj instead (packing keeps full trajectories)", source_at.url)
+    if not source_at.remote and not target.remote:
+        check_separate(source.files, target.path)
+    if target.remote:
+        if present:
+            out_store.delete("")  # the root first: from then on nothing here opens
+        build = out_store
+    else:
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        build = DirectoryStore(atomic.temp_sibling(target.path, "build"))
     try:
-        store = LocalStore(tmp)
-        root = zarr.open_group(store=store, mode="w")
+        store = build.zarr_store(read_only=False)
+        root = zarr.open_group(store=store, mode="w", zarr_format=3)
         root.create_group("params")
         arrays = []
         shape = (source.num_experts, source.num_timesteps)
@@ -97,33 +112,37 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
             "num_timesteps": source.num_timesteps, "stride": min(STRIDE, source.num_timesteps),
             "layers": [layer.to_json() for layer in source.layers], "architecture": source.architecture,
             "training": source.training, "experts": experts,
-            "source": {"path": str(Path(src).resolve()), "kind": source.kind, "bytes": source.nbytes,
+            "source": {"path": where(src), "kind": source.kind, "bytes": source.nbytes,
                        "files": [{**f, "trajectories": n} for f, n in zip(source.source_files(), source.file_counts)]},
             "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "tool": f"trajstore {__version__}"},
         }
-        seal_root(tmp, len(source.layers))
-        open_archive(tmp)  # what was written must read back before it replaces anything
-        atomic.publish_dir(tmp, out, overwrite=overwrite)
-    finally:
-        atomic.remove(tmp)
-    packed = open_archive(out)
-    return PackReport(out=out, experts=packed.num_experts, num_timesteps=packed.num_timesteps,
-                      bytes_written=packed.nbytes, source_bytes=source.nbytes)
+        seal_root(build, len(source.layers))
+        packed = open_archive(build)  # what was written must read back before it replaces anything
+        written = packed.nbytes  # (a local build is renamed next)
+        if not target.remote:
+            atomic.publish_dir(build.root, target.path, overwrite=overwrite)
+    except BaseException:
+        build.delete("")
+        raise
+    return PackReport(out=target.path if target.path is not None else target.url, experts=packed.num_experts,
+                      num_timesteps=packed.num_timesteps, bytes_written=written, source_bytes=source.nbytes)
 
 
 @single_threaded()
 @os_errors(arg="out_dir")
 def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: int | None = 10,
-           overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> list[Path]:
+           overwrite: bool = False, progress: bool = True, storage_options: dict | None = None) -> list:
     """Write the archive's trajectories as MTT buffer files `replay_buffer_{n}.pt` in `out_dir`,
     `per_file` per file (None: the packed source's own file names and partition), each tensor
-    bit-identical to the source: every expert is checked against the sha256 recorded when packing."""
+    bit-identical to the source: every expert is checked against the sha256 recorded when packing.
+    Either may be a URL (`storage_options` go to its filesystem); returns the files written (Paths,
+    or URLs)."""
     from ..tools.export import write_buffer_dir
 
-    archive = locate(archive, storage_options).local("reading an archive")
-    check_separate([archive], out_dir)
-    buf: ArchiveBuffer = open_archive(archive)
+    source_at, target = locate(archive, storage_options), locate(out_dir, storage_options)
+    check_targets_separate([source_at], target)
+    buf: ArchiveBuffer = open_archive(source_at)
     if per_file is None:
         groups: dict[str, list[int]] = {}
         for i in range(buf.num_experts):
@@ -145,4 +164,4 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, *, per_file: 
             yield name, trajectories
 
     with progress_bar(total=buf.num_experts, unit="expert", desc="unpack", disable=not progress) as bar:
-        return write_buffer_dir(Path(out_dir), files(bar), overwrite=overwrite)
+        return write_buffer_dir(target, files(bar), overwrite=overwrite)

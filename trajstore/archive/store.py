@@ -3,25 +3,28 @@
 Layout (docs/format.md, "Archive (pack) layout"): a zarr v3 group whose `trajstore_archive`
 attribute holds the layer table, counts, the source's files and one sha256 per expert; one array per
 layer under `params/`, shape (experts, K+1, numel), holding the tensors' bit patterns as unsigned
-integers in chunks of (1, stride, numel).
+integers in chunks of (1, stride, numel). Everything is read through a Store (trajstore.stores), so an
+archive at a URL (s3://, memory://, ...) reads as a local one does, chunk by chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import ChecksumError, FormatError, VersionError
+from ..errors import ChecksumError, FormatError, TrajstoreError, VersionError
 from ..format import checksums
 from ..format.arguments import short_repr
 from ..format.layers import Layer
 from ..format.layout import SHA256_HEX, is_int
 from ..legacy.buffer import LegacyBuffer
+from ..stores.base import ROOT_KEY, Store
+from ..stores.files import DirectoryStore
+from ..stores.location import locate, open_store
 from . import codec  # noqa: F401  (registers the XOR filter with zarr before any array is opened)
 
 FORMAT = "ctraj-archive"
@@ -36,10 +39,18 @@ def array_name(index: int) -> str:
     return f"{PARAMS}/{index:03d}"
 
 
-def _root_meta(path: Path) -> dict | None:
+def archive_store(target, storage_options: dict | None = None) -> Store:
+    """The Store of the archive at `target`: a Store as it is, else a local path or URL (an archive is
+    always a directory: a zarr hierarchy)."""
+    if isinstance(target, Store):
+        return target
+    return open_store(locate(target, storage_options), mode="w")  # "w": the directory form, present or not
+
+
+def _root_meta(store: Store) -> dict | None:
     try:
-        doc = json.loads((path / "zarr.json").read_bytes())
-    except (OSError, ValueError, RecursionError):
+        doc = json.loads(store.read_bytes(ROOT_KEY))
+    except (TrajstoreError, OSError, ValueError, RecursionError):
         return None
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     return attrs.get(ATTRIBUTE) if isinstance(attrs, dict) else None
@@ -62,38 +73,33 @@ def _meta_problem(meta: dict) -> str | None:
     return None
 
 
-def _check_sealed(path: Path, meta: dict, num_layers: int) -> None:
+def _check_sealed(store: Store, meta: dict, num_layers: int) -> None:
     """Version 2: the root zarr.json matches its own sha256 and lists the sha256 of every array's
     zarr.json (codecs, shape, layer), so no metadata that decides the numbers can change unseen."""
-    where = path / "zarr.json"
+    where = store.describe(ROOT_KEY)
     arrays, digest = meta.get("arrays"), meta.get("sha256")
     if (not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest) or not isinstance(arrays, list)
             or len(arrays) != num_layers or not all(isinstance(a, str) and SHA256_HEX.fullmatch(a) for a in arrays)):
         raise FormatError("malformed archive metadata: 'sha256' and 'arrays' must be sha256 digests, one per layer",
                           where)
-    checksums.check_sealed(where.read_bytes(), digest, where)
+    checksums.check_sealed(store.read_bytes(ROOT_KEY), digest, where)
     for index, recorded in enumerate(arrays):
-        key = path / array_name(index) / "zarr.json"
-        try:
-            data = key.read_bytes()
-        except OSError as exc:
-            raise FormatError(f"cannot read the array's metadata ({exc.strerror or exc})", key) from None
-        checksums.check(data, recorded, key)
+        key = f"{array_name(index)}/{ROOT_KEY}"
+        checksums.check(store.read_bytes(key), recorded, store.describe(key))  # a missing one: FormatError
 
 
-def seal_root(path: Path, num_layers: int) -> None:
+def seal_root(store: Store, num_layers: int) -> None:
     """Record each array's zarr.json sha256 and the root's own sha256 in the root zarr.json (pack)."""
-    doc = json.loads((path / "zarr.json").read_bytes())
+    doc = json.loads(store.read_bytes(ROOT_KEY))
     meta = doc["attributes"][ATTRIBUTE]
-    meta["arrays"] = [checksums.sha256((path / array_name(i) / "zarr.json").read_bytes()) for i in range(num_layers)]
+    meta["arrays"] = [checksums.sha256(store.read_bytes(f"{array_name(i)}/{ROOT_KEY}")) for i in range(num_layers)]
     meta["sha256"] = checksums.PLACEHOLDER
-    (path / "zarr.json").write_bytes(checksums.seal(json.dumps(doc, indent=2).encode(), path))
+    store.write_bytes(ROOT_KEY, checksums.seal(json.dumps(doc, indent=2).encode(), store.describe(ROOT_KEY)))
 
 
-def is_archive(path: str | os.PathLike) -> bool:
-    """True for a directory whose root zarr.json carries the archive attribute."""
-    p = Path(path)
-    return p.is_dir() and _root_meta(p) is not None
+def is_archive(path, storage_options: dict | None = None) -> bool:
+    """True for a directory (local or at a URL) whose root zarr.json carries the archive attribute."""
+    return locate(path, storage_options).kind == "archive"
 
 
 def trajectory_sha256(steps) -> str:
@@ -111,38 +117,43 @@ class ArchiveBuffer(LegacyBuffer):
 
     kind = "archive"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, target, storage_options: dict | None = None):
         import zarr
-        from zarr.storage import LocalStore
 
-        self.path = Path(path)
-        meta = _root_meta(self.path)
+        store = archive_store(target, storage_options)
+        # a local archive is named by its Path (as before), one at a URL by the URL
+        self.path = store.root if isinstance(store, DirectoryStore) else store.url
+        root_json = store.describe(ROOT_KEY)
+        meta = _root_meta(store)
         if meta is None:
             raise FormatError("not a trajstore archive (no trajstore_archive attribute in zarr.json)", self.path)
         if meta.get("format") != FORMAT or not is_int(meta.get("version")) or meta["version"] < 1:
-            raise FormatError("malformed archive metadata", self.path / "zarr.json")
+            raise FormatError("malformed archive metadata", root_json)
         if meta["version"] > VERSION:
             raise VersionError(f"written by archive version {meta['version']}; this trajstore reads up to "
                                f"{VERSION} (upgrade trajstore)", self.path)
         problem = _meta_problem(meta)
         if problem:
-            raise FormatError(f"malformed archive metadata: {problem}", self.path / "zarr.json")
-        layers = tuple(Layer.from_json(x, self.path / "zarr.json") for x in meta["layers"])
+            raise FormatError(f"malformed archive metadata: {problem}", root_json)
+        layers = tuple(Layer.from_json(x, root_json) for x in meta["layers"])
         if meta["version"] >= 2:
-            _check_sealed(self.path, meta, len(layers))
+            _check_sealed(store, meta, len(layers))
         self._experts = list(meta["experts"])
         num_timesteps = meta["num_timesteps"]
         self.stride = meta["stride"]
         self._source = dict(meta["source"])
-        super().__init__([self.path], [len(self._experts)], num_timesteps, layers, meta.get("architecture"))
-        self.path = Path(path)
+        path = self.path
+        super().__init__([path], [len(self._experts)], num_timesteps, layers, meta.get("architecture"))
+        self.path = path
         self.training = dict(meta.get("training") or {})
-        self._store = LocalStore(self.path, read_only=True)
+        self._files = store
+        self._store = store.zarr_store(read_only=True)
         self._arrays = []
         for index, layer in enumerate(layers):
-            where = self.path / array_name(index)
+            where = store.describe(array_name(index))
             try:
-                arr = zarr.open_array(store=self._store, path=array_name(index), mode="r")
+                # zarr_format=3: no probing for version-2 metadata (requests, over a network)
+                arr = zarr.open_array(store=self._store, path=array_name(index), mode="r", zarr_format=3)
             except Exception as exc:  # zarr reports missing or corrupt metadata with many types
                 raise FormatError(f"cannot open the array of layer {layer.name!r} ({type(exc).__name__}: {exc})",
                                   where) from None
@@ -160,7 +171,7 @@ class ArchiveBuffer(LegacyBuffer):
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self._files.total_bytes()
 
     @property
     def source(self) -> dict:
@@ -176,14 +187,15 @@ class ArchiveBuffer(LegacyBuffer):
     def source_of(self, i: int) -> dict:
         f, j = self.locate(i)
         entry = self._experts[j]
-        return {"archive": self.path.name, "file": entry.get("file"), "index": entry.get("index")}
+        return {"archive": self._files.url.rstrip("/").rsplit("/", 1)[-1], "file": entry.get("file"),
+                "index": entry.get("index")}
 
     def _read(self, index: int, selection) -> np.ndarray:
         try:
             return self._arrays[index][selection]
         except Exception as exc:  # a corrupt chunk fails its CRC32C or zstd with assorted types
             raise ChecksumError(f"cannot decode layer {self.layers[index].name!r} ({type(exc).__name__}: {exc}); "
-                                "the archive is corrupt", self.path / array_name(index)) from None
+                                "the archive is corrupt", self._files.describe(array_name(index))) from None
 
     def _tensor(self, bits: np.ndarray, layer: Layer) -> torch.Tensor:
         signed = bits.view(bits.dtype.str.replace("u", "i"))
@@ -215,6 +227,7 @@ class ArchiveBuffer(LegacyBuffer):
             pass
 
 
-def open_archive(path: str | os.PathLike) -> ArchiveBuffer:
-    """Open a packed archive for reading, with the interface of `trajstore.legacy.open_buffer`."""
-    return ArchiveBuffer(path)
+def open_archive(path, storage_options: dict | None = None) -> ArchiveBuffer:
+    """Open a packed archive (a local path, a URL, or a Store) for reading, with the interface of
+    `trajstore.legacy.open_buffer`; `storage_options` go to a URL's filesystem."""
+    return ArchiveBuffer(path, storage_options)

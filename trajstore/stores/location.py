@@ -177,6 +177,14 @@ class Location:
         return self.path
 
 
+def where(target) -> str:
+    """How provenance records name a source: a local path made absolute, a URL as given."""
+    if is_url(target) and not target.startswith("file://"):
+        return target
+    path = target[len("file://"):] if isinstance(target, str) and target.startswith("file://") else target
+    return str(Path(path).resolve())
+
+
 # What to pip install for a URL scheme (fsspec's own message names a class, not a package), and
 # which of those the `remote` extra brings.
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",

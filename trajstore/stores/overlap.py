@@ -41,3 +41,33 @@ def check_separate(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, 
             continue
         raise TrajstoreError(f"{what} {relation} {src}; choose an output outside it (the input is never "
                              "replaced, even with --force)", out)
+
+
+def _remote_key(location) -> tuple[tuple[str, ...], str]:
+    protocol = location.fs.protocol
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return tuple(sorted(protocols)), location.fs_path.rstrip("/")
+
+
+def check_targets_separate(inputs, out, what: str = "the output") -> None:
+    """`check_separate` for Locations (trajstore.stores.location.locate), local or URLs: a URL overlaps
+    another of the same filesystem type whose path equals, holds or lies inside its own (s3://b/x and
+    s3://b/x/y); a URL and a local path never overlap."""
+    if out.path is not None:
+        check_separate([src.path for src in inputs if src.path is not None], out.path, what)
+        return
+    protocols, path = _remote_key(out)
+    for src in inputs:
+        if src.path is not None or _remote_key(src)[0] != protocols:
+            continue
+        other = _remote_key(src)[1]
+        if other == path:
+            relation = "is the input"
+        elif other.startswith(path + "/"):
+            relation = "contains the input"
+        elif path.startswith(other + "/"):
+            relation = "lies inside the input"
+        else:
+            continue
+        raise TrajstoreError(f"{what} {relation} {src.url}; choose an output outside it (the input is never "
+                             "replaced, even with --force)", out.url)

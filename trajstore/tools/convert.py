@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..progress import progress_bar
 from ..stores import atomic
 from ..stores.overlap import check_separate
 from ..archive import open_archive
-from ..stores.location import locate, open_store
+from ..stores.location import locate, open_store, where
 from ..format.beta import anchor_epochs_with
 from ..errors import ExistsError, InvalidTensorError, os_errors
 from ..legacy import LegacyBuffer, open_buffer
+from ..legacy.fetch import open_remote_buffer
 from ..format.reader import open as open_ctraj
 from ..format.writer import create
 from .reports import WriteReport
@@ -38,12 +38,15 @@ class ConvertReport(WriteReport):
 
 def open_source(src: str | os.PathLike, *, architecture=None, kind: str | None = None,
                 storage_options: dict | None = None) -> LegacyBuffer:
-    """Full trajectories from a legacy buffer or a packed archive (local paths), behind the LegacyBuffer
-    interface; what `src` is, is trajstore.stores.location's decision."""
+    """Full trajectories from a legacy buffer or a packed archive (a path or a URL), behind the
+    LegacyBuffer interface; what `src` is, is trajstore.stores.location's decision. A legacy buffer at
+    a URL is read from a temporary local copy (trajstore.legacy.fetch)."""
     location = locate(src, storage_options)
     if location.kind == "archive":
-        return open_archive(location.local("reading an archive"))
-    return open_buffer(location.local("reading a legacy buffer"), architecture=architecture, kind=kind)
+        return open_archive(location)
+    if location.remote:
+        return open_remote_buffer(location, architecture=architecture, kind=kind)
+    return open_buffer(location.path, architecture=architecture, kind=kind)
 
 
 @single_threaded()
@@ -81,15 +84,16 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
         anchors = source.anchor_epochs or (0, source.num_timesteps - 1)
     info = {"epochs": source.num_timesteps - 1, **source.training, **(training or {})}
     provenance = {
-        "converted_from": str(Path(source.path).resolve()),
+        "converted_from": where(source.path),
         "source_kind": source.kind,
         "sources": source.source_files(),
     }
     # Built under a hidden name of our own and moved into place when complete: a failure removes only
     # that, never an `out` another process may have created meanwhile, and a conversion is never joined.
-    # An object store has no rename: the store is written in place and opens only once complete.
+    # An object store has no rename: the store is written in place and opens only once complete (a
+    # replace writes new keys beside the old store and switches with its root: docs/format.md §8).
     if target.remote:
-        build, published = target, False
+        build, published, replacing = target, False, target.exists()
     else:
         with os_errors(out):
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     finally:
         if not target.remote:
             atomic.remove(build)
-        elif not published:
+        elif not published and not replacing:  # a failed replace leaves the old store: the writer removed its build
             open_store(target, mode="w").delete("")
     store = open_ctraj(target)
     return ConvertReport(out=store.path, experts=store.num_experts, num_timesteps=store.num_timesteps,

@@ -8,7 +8,9 @@ Any MTT-family `distill.py` then trains on the convexified trajectories unchange
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from ..progress import progress_bar
 from ..stores import atomic
+from ..stores.location import Location, open_store
 from ..stores.overlap import check_separate
 from ..errors import ExistsError, StorageError, TrajstoreError, os_errors
 from ..format.reader import open as open_ctraj
@@ -32,10 +35,14 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ExistsError("already exists and is not empty (pass overwrite=True / --force to replace it)", out_dir)
 
 
-def write_buffer_dir(out_dir: Path, files: Iterable[tuple[str, list]], *, overwrite: bool) -> list[Path]:
+def write_buffer_dir(out_dir, files: Iterable[tuple[str, list]], *, overwrite: bool) -> list:
     """`torch.save` each (name, trajectories) of `files` into a hidden sibling of `out_dir`, then move it
     into place: the directory appears complete or not at all. `files` is consumed lazily, so only one
-    file's trajectories are held at a time."""
+    file's trajectories are held at a time. `out_dir` may be a Location at a URL (`_write_buffer_url`)."""
+    if isinstance(out_dir, Location):
+        if out_dir.remote:
+            return _write_buffer_url(out_dir, files, overwrite=overwrite)
+        out_dir = out_dir.path
     check_out_dir(out_dir, overwrite)
     with os_errors(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +63,41 @@ def write_buffer_dir(out_dir: Path, files: Iterable[tuple[str, list]], *, overwr
     return [out_dir / name for name in names]
 
 
-def _save(obj, path: Path, final: Path) -> None:
+def _write_buffer_url(location: Location, files: Iterable[tuple[str, list]], *, overwrite: bool) -> list[str]:
+    """The buffer files at a URL. An object store has no rename, so the directory cannot appear whole:
+    each file is one PUT (all or nothing), and the first file is written last (kept in a local
+    temporary file meanwhile), so an interrupted upload leaves no `replay_buffer_0.pt` and upstream
+    readers, which start at 0, find nothing rather than part of the buffer. `overwrite` deletes what
+    is there first; a failure deletes what was written."""
+    store = open_store(location, mode="w")
+    store._writable()
+    if store.files(""):
+        if not overwrite:
+            raise ExistsError("already exists and is not empty (pass overwrite=True / --force to replace it)",
+                              location.url)
+        store.delete("")
+    names: list[str] = []
+    try:
+        with tempfile.TemporaryFile() as first:
+            for name, trajectories in files:
+                if not names:
+                    _save(trajectories, first, store.describe(name))
+                else:
+                    held = io.BytesIO()
+                    _save(trajectories, held, store.describe(name))
+                    store.write_bytes(name, held.getvalue())
+                names.append(name)
+                del trajectories
+            if names:
+                first.seek(0)
+                store.write_bytes(names[0], first.read())
+    except BaseException:
+        store.delete("")
+        raise
+    return [store.describe(name) for name in names]
+
+
+def _save(obj, path, final) -> None:
     try:
         torch.save(obj, path)
     except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
