@@ -26,32 +26,9 @@ from benchmarks.common import add_device_option, check_device, timeit_interleave
 from benchmarks.synthetic import convnet_layers, write_pair
 
 
-def measure(expert, num_params: int, device: str, repeat: int) -> dict:
-    rng = random.Random(0)
-    expert.at(1.5, flat=True, device=device)  # first touch: anchors mapped / copied to the device
-    last = expert.num_timesteps - 1
-    buf = torch.empty(num_params, device=device)
-
-    def vectors(n):  # each operation its own vectors, so none finds its inputs warm from the one before
-        return [torch.randn(num_params, device=device) for _ in range(n)]
-
-    (src, dst), (lx, ly, lo), (sx, sy, so), (nx, ny, no) = vectors(2), vectors(3), vectors(3), vectors(3)
-    nd = ny - nx
-    t = timeit_interleaved({
-        "at_flat": lambda: expert.at(rng.uniform(0, last), flat=True, device=device),
-        "at_flat_into_out": lambda: expert.at(rng.uniform(0, last), flat=True, device=device, out=buf),
-        "lerp_one_call": lambda: torch.lerp(lx, ly, 0.3, out=lo),
-        # the spec's lerp over the whole vector: three kernels (sub, mul, add), no per-layer work
-        "spec_lerp_one_call": lambda: torch.sub(sy, sx, out=so).mul_(0.3).add_(sx),
-        # what at() does on the CPU over a cached difference nd = y - x: a multiply, then an add
-        "spec_lerp_two_passes": lambda: torch.mul(nd, 0.3, out=no).add_(nx) if device.startswith("cuda")
-        else np.add(np.multiply(nd.numpy(), np.float32(0.3), no.numpy()), nx.numpy(), no.numpy()),
-        "copy_same_bytes": lambda: dst.copy_(src),
-    }, repeat=repeat, sync=device.startswith("cuda"))
-    copy = t["copy_same_bytes"]["median_s"]
-    # The result must be docs/format.md §7's two-rounding lerp bit for bit: written out here in numpy
-    # float32 (d = y - x; x + w*d below 0.5, else y - (1 - w)*d), independently of trajstore's lerp.
-    c = 0.37 * last
+def spec_point(expert, c: float) -> torch.Tensor:
+    """docs/format.md §7's two-rounding lerp written out in numpy float32 (d = y - x; x + w*d below 0.5,
+    else y - (1 - w)*d), independently of trajstore's lerp."""
     piece, ws = trajstore.format.beta.piece_weights(expert.beta, expert.anchor_epochs, c)
     anchors = [expert.anchor(expert.anchor_epochs[piece + k]) for k in (0, 1)]
     parts = []
@@ -59,15 +36,45 @@ def measure(expert, num_params: int, device: str, repeat: int) -> dict:
         x, y = anchors[0][n].numpy().reshape(-1), anchors[1][n].numpy().reshape(-1)
         d = y - x
         parts.append(x + np.float32(w) * d if w < 0.5 else y - np.float32(1.0 - w) * d)
-    reference = torch.from_numpy(np.concatenate(parts))
-    return {**t, "bit_identical_to_spec_lerp": bool(torch.equal(expert.at(c, flat=True, device=device).cpu(),
-                                                                 reference)), "ratio_at_over_copy": t["at_flat"]["median_s"] / copy,
-            "ratio_at_out_over_copy": t["at_flat_into_out"]["median_s"] / copy,
-            "ratio_lerp_one_call_over_copy": t["lerp_one_call"]["median_s"] / copy,
-            "ratio_spec_lerp_one_call_over_copy": t["spec_lerp_one_call"]["median_s"] / copy,
-            "ratio_spec_lerp_two_passes_over_copy": t["spec_lerp_two_passes"]["median_s"] / copy,
-            "bytes": num_params * 4,
-            "bytes_cached": expert._s._cached}  # the piece's two anchors and its difference
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def measure(store, device: str, repeat: int) -> dict:
+    rng = random.Random(0)
+    # the two forms of `at` read two experts, so that neither finds its anchors warm from the other
+    fresh, into = store.expert(0), store.expert(1)
+    for expert in (fresh, into):
+        expert.at(1.5, flat=True, device=device)  # first touch: anchors read, copied, y - x cached
+    last, num_params = fresh.num_timesteps - 1, store.num_params
+    buf = torch.empty(num_params, device=device)
+
+    def vectors(n):  # each operation its own vectors, so none finds its inputs warm from the one before
+        return [torch.randn(num_params, device=device) for _ in range(n)]
+
+    (src, dst), (lx, ly, lo), (sx, sy, so), (nx, ny, no), (cx,) = vectors(2), vectors(3), vectors(3), vectors(3), vectors(1)
+    nd = ny - nx
+    t = timeit_interleaved({
+        "at_flat": lambda: fresh.at(rng.uniform(0, last), flat=True, device=device),
+        "at_flat_into_out": lambda: into.at(rng.uniform(0, last), flat=True, device=device, out=buf),
+        "lerp_one_call": lambda: torch.lerp(lx, ly, 0.3, out=lo),
+        # the spec's lerp over the whole vector: three kernels (sub, mul, add), no per-layer work
+        "spec_lerp_one_call": lambda: torch.sub(sy, sx, out=so).mul_(0.3).add_(sx),
+        # what at() does on the CPU over a cached difference nd = y - x: a multiply, then an add
+        "spec_lerp_two_passes": lambda: torch.mul(nd, 0.3, out=no).add_(nx) if device.startswith("cuda")
+        else np.add(np.multiply(nd.numpy(), np.float32(0.3), no.numpy()), nx.numpy(), no.numpy()),
+        "copy_same_bytes": lambda: dst.copy_(src),
+        # a copy into a new vector, as at() without out= returns one: the allocation's page faults included
+        "clone_same_bytes": lambda: cx.clone(),
+    }, repeat=repeat, sync=device.startswith("cuda"), rotate=True)
+    c = 0.37 * last
+    identical = all(torch.equal(e.at(c, flat=True, device=device).cpu(), spec_point(e, c)) for e in (fresh, into))
+    copy = t["copy_same_bytes"]["median_s"]
+    ratios = {f"ratio_{name}_over_copy": t[key]["median_s"] / copy for name, key in (
+        ("at", "at_flat"), ("at_out", "at_flat_into_out"), ("lerp_one_call", "lerp_one_call"),
+        ("spec_lerp_one_call", "spec_lerp_one_call"), ("spec_lerp_two_passes", "spec_lerp_two_passes"))}
+    ratios["ratio_at_over_clone"] = t["at_flat"]["median_s"] / t["clone_same_bytes"]["median_s"]
+    return {**t, **ratios, "bit_identical_to_spec_lerp": identical, "bytes": num_params * 4,
+            "bytes_cached_per_piece": store._cached // 2}  # two anchors and their difference, per expert
 
 
 def main(argv=None):
@@ -84,9 +91,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     layers = convnet_layers(width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
-        _, path = write_pair(Path(tmp), layers, experts=1, num_timesteps=args.timesteps, waypoints=())
+        _, path = write_pair(Path(tmp), layers, experts=2, num_timesteps=args.timesteps, waypoints=())
         r = trajstore.open(path)
-        results = {device.split(":")[0]: measure(r.expert(0), r.num_params, device, args.repeat)}
+        results = {device.split(":")[0]: measure(r, device, args.repeat)}
     return write_result(args.out, "interpolation", vars(args) | {"num_params": r.num_params}, results)
 
 

@@ -36,15 +36,18 @@ def timeit(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 2, sync:
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], object]], *, repeat: int = 20, warmup: int = 2,
-                       sync: bool = False) -> dict[str, dict]:
+                       sync: bool = False, rotate: bool = False) -> dict[str, dict]:
     """timeit for several functions, taking turns within every round, so load from other jobs on a
-    shared machine falls on all of them alike and their ratios stay fair."""
+    shared machine falls on all of them alike and their ratios stay fair. With rotate, each round starts
+    one function later, so that no function always runs first (or always after the same one)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeat):
+        k = r % len(order) if rotate else 0
+        for name, fn in order[k:] + order[:k]:
             if sync:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

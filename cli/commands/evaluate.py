@@ -29,7 +29,8 @@ from trajstore.cli.main import cli
               "[beside SYNSET: <SYNSET>_crossarch; for --random: ./random_ipc<N>_crossarch].")
 @click.option("--dsa/--no-dsa", default=True, show_default=True)
 @click.option("--together/--one-by-one", default=None, help="Train the networks at once as one stacked network "
-              "(same protocol and draws) or one after another [together on a GPU, one by one on the CPU].")
+              "(same protocol and draws) or one after another [stacked on a GPU; on the CPU side by side, "
+              "one network per core].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help="cuda, cpu, ... (default: CUDA when present, else the CPU).")
 @click.option("--grid", type=click.Path(), help="Also save the evaluated images as a PNG grid here.")

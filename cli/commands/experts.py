@@ -45,8 +45,8 @@ def default(name: str, flag: str | None = None) -> str:
 @click.option("--buffer-path", hidden=True, help="Upstream's --buffer_path: --legacy-dir becomes "
               "{buffer_path}/{dataset}[_NO_ZCA]/{model}, as upstream's buffer.py writes it.")
 @click.option("--batch-experts", type=click.IntRange(min=1),
-              help="Train this many experts at once as one stacked network (each its own seed, data order "
-                   "and DSA draws: the same experts as one by one, faster where one network leaves the device idle). "
+              help="Train this many experts at once: stacked on a GPU, side by side on the CPU's cores (each its "
+                   "own seed, data order and DSA draws: the same experts as one by one). "
                    + default("batch_experts"))
 @click.option("--seed", type=int, help=default("seed"))
 @click.option("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when present, else the CPU).")

@@ -26,9 +26,14 @@ from ..stores.location import locate as locate_target, open_store
 DEFAULT_CACHE_BYTES = 1 << 30
 
 
+_CPU = torch.device("cpu")
+
+
 def _device(device, where=None) -> torch.device:
+    if device is None:
+        return _CPU
     try:
-        return torch.device("cpu") if device is None else torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise TrajstoreError(f"device={short_repr(device)} is not a torch device ({exc})", where) from None
 
@@ -523,8 +528,9 @@ class CTraj:
     def _anchor(self, expert: Expert, epoch: int, device: torch.device, dtype) -> "_Anchor":
         """An anchor in the evaluation dtype on the device: its layers as views into one flat vector (copied
         out of the memory-mapped file once, then cached) when they share a dtype, else one tensor each.
-        Cached under (expert id, epoch, device, dtype); _piece looks these keys up too."""
-        key = (expert.id, epoch, str(device), dtype)
+        Cached under (expert id, epoch, device, dtype) (torch.device compares as its str: "cuda" is not
+        "cuda:0"); _piece looks these keys up too."""
+        key = (expert.id, epoch, device, dtype)
         hit = self._hit(key)
         if hit is not None:
             return hit
@@ -548,9 +554,8 @@ class CTraj:
         """(anchor a, anchor b, y - x or None) for the piece from epoch a to b: the difference (numpy, rounded
         to the dtype, split into _FlatLerp's parts) only for a flat vector on the CPU in a numpy dtype. It does
         not depend on c, so it is cached beside the anchors."""
-        where = str(device)
         difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
-        keys = ((expert.id, a, where, dtype), (expert.id, b, where, dtype), (expert.id, a, b, where, dtype))
+        keys = ((expert.id, a, device, dtype), (expert.id, b, device, dtype), (expert.id, a, b, device, dtype))
         keys = keys if difference else keys[:2]
         with self._lock:  # the usual case: all held
             held = [self._cache.get(key) for key in keys]
