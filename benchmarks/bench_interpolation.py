@@ -1,6 +1,8 @@
 """Interpolation: `Expert.at(c, flat=True)` against a plain copy of the same bytes (the bandwidth floor).
 
     python -m benchmarks.bench_interpolation [--width 128] [--device cpu|cuda] [--out benchmarks/results/interpolation.json]
+    git show REV:trajstore/format/reader.py > /tmp/reader_before.py     # then, to time that reader too:
+    python -m benchmarks.bench_interpolation --before /tmp/reader_before.py
 
 The operations take turns within every round (interleaved), so the ratios are fair on a shared machine.
 A point reads two anchors and writes one vector: 1.5x the bytes of the copy. The floors timed beside it,
@@ -39,7 +41,18 @@ def spec_point(expert, c: float) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts))
 
 
-def measure(store, device: str, repeat: int) -> dict:
+def reader_from(path: str):
+    """Another version of trajstore/format/reader.py (e.g. an older commit's), loaded beside this one so
+    that both are timed in the same run; it uses this checkout's other modules."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trajstore.format._reader_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(store, device: str, repeat: int, before=None) -> dict:
     rng = random.Random(0)
     # the two forms of `at` read two experts, so that neither finds its anchors warm from the other
     fresh, into = store.expert(0), store.expert(1)
@@ -51,9 +64,18 @@ def measure(store, device: str, repeat: int) -> dict:
     def vectors(n):  # each operation its own vectors, so none finds its inputs warm from the one before
         return [torch.randn(num_params, device=device) for _ in range(n)]
 
-    (src, dst), (lx, ly, lo), (sx, sy, so), (nx, ny, no), (cx,) = vectors(2), vectors(3), vectors(3), vectors(3), vectors(1)
+    (src, dst, cx), (lx, ly, lo), (sx, sy, so), (nx, ny, no) = vectors(3), vectors(3), vectors(3), vectors(3)
     nd = ny - nx
-    t = timeit_interleaved({
+    timed = {}
+    if before is not None:  # the other reader, on experts of its own
+        old_fresh, old_into = before.expert(2), before.expert(3)
+        old_buf = torch.empty(num_params, device=device)
+        for expert in (old_fresh, old_into):
+            expert.at(1.5, flat=True, device=device)
+        timed = {"before_at_flat": lambda: old_fresh.at(rng.uniform(0, last), flat=True, device=device),
+                 "before_at_flat_into_out": lambda: old_into.at(rng.uniform(0, last), flat=True, device=device,
+                                                                out=old_buf)}
+    t = timeit_interleaved(timed | {
         "at_flat": lambda: fresh.at(rng.uniform(0, last), flat=True, device=device),
         "at_flat_into_out": lambda: into.at(rng.uniform(0, last), flat=True, device=device, out=buf),
         "lerp_one_call": lambda: torch.lerp(lx, ly, 0.3, out=lo),
@@ -73,6 +95,8 @@ def measure(store, device: str, repeat: int) -> dict:
         ("at", "at_flat"), ("at_out", "at_flat_into_out"), ("lerp_one_call", "lerp_one_call"),
         ("spec_lerp_one_call", "spec_lerp_one_call"), ("spec_lerp_two_passes", "spec_lerp_two_passes"))}
     ratios["ratio_at_over_clone"] = t["at_flat"]["median_s"] / t["clone_same_bytes"]["median_s"]
+    for name in timed:
+        ratios[f"ratio_{name}_over_copy"] = t[name]["median_s"] / copy
     return {**t, **ratios, "bit_identical_to_spec_lerp": identical, "bytes": num_params * 4,
             "bytes_cached_per_piece": store._cached // 2}  # two anchors and their difference, per expert
 
@@ -86,14 +110,18 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=200)
     add_device_option(p)
     p.add_argument("--out", default="benchmarks/results/interpolation.json")
+    p.add_argument("--before", help="another reader.py (e.g. `git show REV:trajstore/format/reader.py`) to time "
+                                    "in the same run")
     args = p.parse_args(argv)
     device = check_device(args.device)
     torch.set_num_threads(args.threads)
     layers = convnet_layers(width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
-        _, path = write_pair(Path(tmp), layers, experts=2, num_timesteps=args.timesteps, waypoints=())
+        _, path = write_pair(Path(tmp), layers, experts=4 if args.before else 2, num_timesteps=args.timesteps,
+                             waypoints=())
         r = trajstore.open(path)
-        results = {device.split(":")[0]: measure(r, device, args.repeat)}
+        before = reader_from(args.before).open(path) if args.before else None
+        results = {device.split(":")[0]: measure(r, device, args.repeat, before)}
     return write_result(args.out, "interpolation", vars(args) | {"num_params": r.num_params}, results)
 
 

@@ -1,6 +1,7 @@
 """Every benchmark runs end to end at a tiny size and writes its JSON result (no timing is asserted)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +16,11 @@ def result(path):
 
 
 def test_interpolation(tmp_path):
-    r = result(bench_interpolation.main(["--width", "8", "--timesteps", "5", "--repeat", "3",
+    reader = Path(bench_interpolation.__file__).parents[1] / "trajstore" / "format" / "reader.py"
+    r = result(bench_interpolation.main(["--width", "8", "--timesteps", "5", "--repeat", "3", "--before", str(reader),
                                          "--out", str(tmp_path / "i.json")]))
     assert r["cpu"]["ratio_at_over_copy"] > 0 and r["cpu"]["bytes"] > 0
+    assert r["cpu"]["ratio_before_at_flat_over_copy"] > 0  # another reader.py, timed in the same run
     assert r["cpu"]["bit_identical_to_spec_lerp"] is True  # the timed path computes §7's lerp
 
 

@@ -322,6 +322,22 @@ def test_cache_evicts_least_recently_used_beyond_cache_bytes(store, decodes):
     assert len(decodes) == 4
 
 
+def test_a_new_flat_vector_is_the_callers_alone(store):
+    """at(flat=True) without out= keeps no view of the vector it returns (a view would keep it alive)."""
+    import gc
+    import weakref
+
+    path, _ = store
+    r = trajstore.open(path)
+    for dtype in (None, torch.bfloat16):  # the numpy path and the per-layer torch path
+        point = r.expert(0).at(1.5, flat=True, dtype=dtype)
+        gone = weakref.ref(point)
+        del point
+        gc.collect()
+        assert gone() is None and r.num_params > 0, dtype  # the store lives on
+    assert r._out_array[0] is None  # nor a numpy view of its memory (which would not stop the tensor going)
+
+
 def test_cache_holds_each_piece_difference_beside_its_anchors_within_cache_bytes(store, decodes):
     """A flat CPU point also keeps y - x of its piece (one anchor's bytes); it counts in cache_bytes, never
     pushes out its own anchors, and is not kept where the cache cannot hold all three."""

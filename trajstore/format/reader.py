@@ -321,7 +321,8 @@ class Expert:
         if flat:
             if a.flat is None:
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", path)
-            if out is None:
+            reused = out is not None  # a caller's `out`, which comes again: its views are kept
+            if not reused:
                 out = torch.empty(s.num_params, dtype=a.flat.dtype, device=dev)
             elif out.shape != (s.num_params,) or out.dtype != a.flat.dtype or out.device != a.flat.device:
                 raise TrajstoreError(f"out must be a {a.flat.dtype} vector of {s.num_params} values on "
@@ -329,11 +330,11 @@ class Expert:
             elif out.requires_grad:
                 raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", path)
             if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
-                s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out))
+                s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, reused))
                 return out
             if dev.type == "cuda":  # each operation a kernel launch: foreach launches over all layers, one cat
                 return torch.cat(lerp_layers(a.layers, b.layers, ws), out=out)
-            for ta, tb, w, o in zip(a.layers, b.layers, ws, s._layer_views(out)):
+            for ta, tb, w, o in zip(a.layers, b.layers, ws, s._layer_views(out, reused)):
                 lerp(ta, tb, w, out=o)
             return out
         return {layer.name: lerp(ta, tb, w).view(layer.shape)
@@ -503,24 +504,27 @@ class CTraj:
         for expert in self:
             expert.verify()
 
-    def _layer_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """flat split per layer; the views of the last vector are kept, as callers reuse one `out`."""
+    def _layer_views(self, flat: torch.Tensor, keep: bool) -> list[torch.Tensor]:
+        """flat split per layer; with keep, the views of the last vector are kept, as callers reuse one `out`
+        (never those of a new vector: they would keep the caller's previous result alive)."""
         ref, ptr, views = self._out_views
         if ref is not None and ref() is flat and flat.data_ptr() == ptr:
             return views
         views = flat.split(self._numels)
-        self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
+        if keep:
+            self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
         return views
 
-    def _array_of(self, flat: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
-        """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept for the last vector
-        like _layer_views."""
+    def _array_of(self, flat: torch.Tensor, keep: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept (with keep) for the
+        last vector like _layer_views."""
         ref, ptr, arrays = self._out_array
         if ref is not None and ref() is flat and flat.data_ptr() == ptr:
             return arrays
         array = flat.numpy()
         arrays = (array, self._flat_lerp.split(array))
-        self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays)
+        if keep:
+            self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays)
         return arrays
 
     # -- anchor cache -------------------------------------------------------------------------
@@ -616,10 +620,11 @@ def open(path: str | os.PathLike, *, verify_checksums: bool = True, cache_bytes:
     """Open a .ctraj (directory or single file; a path or any fsspec URL such as s3://bucket/x.ctraj)
     for reading. Nothing but metadata is read yet.
 
-    `cache_bytes` bounds the anchors held in memory. `storage_options` go to the URL's fsspec
-    filesystem (endpoint, credentials, ...). Anchors of a remote store are fetched once into a local
-    disk cache (`cache_dir`, at most `disk_cache_bytes`; defaults in trajstore.stores.cache) and
-    verified against the manifest before use."""
+    `cache_bytes` bounds what is held in memory: the anchors read (each copied into one flat vector)
+    and, for flat vectors on the CPU, each piece's y - x (one more anchor's bytes). `storage_options`
+    go to the URL's fsspec filesystem (endpoint, credentials, ...). Anchors of a remote store are
+    fetched once into a local disk cache (`cache_dir`, at most `disk_cache_bytes`; defaults in
+    trajstore.stores.cache) and verified against the manifest before use."""
     with os_errors(path):
         return CTraj(path, verify_checksums=verify_checksums, cache_bytes=cache_bytes,
                      storage_options=storage_options, cache_dir=cache_dir, disk_cache_bytes=disk_cache_bytes)

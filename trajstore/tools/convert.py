@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..progress import progress_bar
 from ..stores import atomic
-from ..stores.overlap import check_separate
+from ..stores.overlap import check_separate, check_targets_separate
 from ..archive import open_archive
 from ..stores.location import locate, open_store, where
 from ..format.beta import anchor_epochs_with
@@ -65,9 +65,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     """
     target = locate(out, storage_options)
     if target.remote:
+        check_targets_separate([locate(src, storage_options)], target)
         if target.exists() and not overwrite:
             raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
-        source = open_source(src, architecture=architecture, kind=kind)
+        source = open_source(src, architecture=architecture, kind=kind, storage_options=storage_options)
         out = target.url
     else:
         out = target.path
@@ -76,7 +77,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
             raise ExistsError("already exists (pass overwrite=True / --force to replace it)", out)
         if out.is_symlink() and not out.exists():
             raise ExistsError("is a dangling symbolic link; remove it or choose another output", out)
-        source = open_source(src, architecture=architecture, kind=kind)
+        source = open_source(src, architecture=architecture, kind=kind, storage_options=storage_options)
         check_separate(source.files, out)
     if waypoints:
         anchors = anchor_epochs_with(waypoints, source.num_timesteps)
