@@ -2,8 +2,8 @@
 cheaper second derivatives for the distillation student.
 
 The matching loss differentiates through every student step's gradient, so each layer's backward is
-itself differentiated. On the CPU, PyTorch does that second differentiation expensively for two layers
-of this network (benchmarks/RESULTS.md §10 has the profile):
+itself differentiated. On the CPU, PyTorch does that second differentiation expensively for three layers
+of this network (benchmarks/RESULTS.md §10 has the profile and the timings):
 
 - instance norm (`GroupNorm(C, C)`): the derivative of `native_group_norm_backward` is a composite of
   ~20 full-size elementwise operations. `_InstanceNormBackward` below writes it out in closed form as a
@@ -12,9 +12,12 @@ of this network (benchmarks/RESULTS.md §10 has the profile):
   traffic they need at these shapes. Pooling is linear and its adjoint is spreading each value over its
   2x2 block, so `_Pool2` and `_Spread2` are each other's backward (differentiable to any order) and are
   written with contiguous views.
+- convolutions: the double backward's weight term is a convolution of batch-transposed tensors, and
+  oneDNN is slow on the first layer's few input channels. `_Conv`'s backward is made of input- and
+  weight-gradient Functions whose backwards are plain convolutions, each on the faster backend.
 
-The arithmetic is the same as the module's up to float rounding (summation order); convolutions, ReLU
-and the classifier are PyTorch's own, whose autograd skips the outputs the caller does not need.
+The arithmetic is the same as the module's up to float rounding (summation order, convolution
+algorithm); ReLU and the classifier are PyTorch's own.
 """
 
 from __future__ import annotations
@@ -71,10 +74,10 @@ def avg_pool2(x: torch.Tensor) -> torch.Tensor:
     return _Pool2.apply(x)
 
 
-# Convolutions with fewer input channels than this run on PyTorch's own im2col + GEMM instead of oneDNN
-# (which loses on the first layer's 3 image channels); weight gradients are oneDNN's either way. 0 (off):
-# a run then gave last-bit different images in and out of a pytest process (tests/test_run.py's resume).
-_FEW_CHANNELS = 0
+# Convolutions with fewer input channels than this run on PyTorch's own im2col + GEMM instead of oneDNN,
+# which is several times slower there (the first layer's 3 image channels: RESULTS §10) and faster on
+# many channels; weight gradients are oneDNN's either way.
+_FEW_CHANNELS = 16
 
 
 @contextmanager
@@ -201,9 +204,10 @@ def _plane_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum((2, 3), keepdim=True)
 
 
-def _plane_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    n, c = a.shape[:2]
-    return torch.linalg.vecdot(a.reshape(n, c, -1), b.reshape(n, c, -1)).view(n, c, 1, 1)
+def _plane_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Per-plane dot products through one reused product buffer: a fresh full-size temporary costs more
+    in page faults than the multiplication."""
+    return _plane_sum(torch.mul(a, b, out=scratch))
 
 
 class _InstanceNormBackward(Function):
@@ -239,10 +243,11 @@ class _InstanceNormBackward(Function):
         gamma = weight.view(shape)
         mu, r = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
         sum_v, sum_g = _plane_sum(v), _plane_sum(g)
-        g_y = _plane_dot(g, y)
-        v_xhat = r * (_plane_dot(v, y) - mu * sum_v)       # <v, xhat>
-        g_xhat = r * (g_y - mu * sum_g)                    # <g, xhat>
-        v_g = _plane_dot(v, g)
+        scratch = torch.empty_like(y)
+        g_y = _plane_dot(g, y, scratch)
+        v_xhat = r * (_plane_dot(v, y, scratch) - mu * sum_v)       # <v, xhat>
+        g_xhat = r * (g_y - mu * sum_g)                             # <g, xhat>
+        v_g = _plane_dot(v, g, scratch)
         # N(u) = r u + cy(u) y + c0(u): its y and constant coefficients for u = v and u = g
         cy_v, cy_g = -r * r * v_xhat / d, -r * r * g_xhat / d
         c0_v, c0_g = -r * sum_v / d - cy_v * mu, -r * sum_g / d - cy_g * mu
@@ -294,7 +299,7 @@ def convnet_forward(net: nn.Module) -> Callable | None:
             elif kind == "instancenorm":
                 x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps)
             elif kind == "relu":
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place: instance norm keeps its input, not its output
             else:
                 x = avg_pool2(x)
         return F.linear(x.reshape(x.size(0), -1), params["classifier.weight"], params["classifier.bias"])
