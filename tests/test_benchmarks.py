@@ -91,11 +91,18 @@ def test_remote(tmp_path, monkeypatch):
     pytest.importorskip("s3fs")
     monkeypatch.setenv("TRAJSTORE_CACHE_DIR", str(tmp_path / "cache"))
     r = result(bench_remote.main(["--experts", "2", "--width", "4", "--timesteps", "6", "--waypoints", "2",
-                                  "--pairs", "5", "--max-start-epoch", "3", "--out", str(tmp_path / "r.json")]))
-    assert r["open"]["requests"] > 0 and r["mtt_loader"]["bytes"] >= r["mtt_file_bytes"]
+                                  "--pairs", "5", "--max-start-epoch", "3", "--measure-mtt",
+                                  "--out", str(tmp_path / "r.json")]))
+    # MTT's bytes as computed are what torch.load through s3fs transferred
+    assert r["open"]["requests"] > 0 and r["mtt_loader"]["measured"]["bytes"] >= r["mtt_loader"]["bytes"]
     # a cold run fetches each anchor once at most: never more than the whole store plus listings
-    assert 0 < r["anchors_fetched"] <= 2 * 3
+    assert 0 < r["checks_cold"]["anchors_fetched"] <= 2 * 3
     assert r["open_and_pairs_cold"]["bytes"] <= r["store_bytes"] + r["open"]["bytes"]
+    # what the request log must show: only the anchors the pairs need, each key once, no listing
+    assert r["first_pair"]["reads_only_what_it_needs"] and r["open"]["listings"] == 0
+    assert all(r["checks_cold"][k] for k in ("fetched_exactly_the_needed_anchors", "no_key_read_twice",
+                                             "small_arrays_once_per_expert_used"))
+    assert r["damaged_cache_entry"]["anchors_fetched_again"] == 1
 
 
 def test_upstream_loop(tmp_path):

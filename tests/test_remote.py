@@ -363,6 +363,26 @@ def test_killed_replace_leaves_the_old_store_valid(backend, tmp_path):
         assert len({k.split("/", 1)[0] for k in _keys(backend, "kept.ctraj")} - {"zarr.json"}) == 1
 
 
+def test_a_failed_convert_over_a_store_leaves_it_whole(backend, legacy_buffer, tmp_path, run):
+    """`convert --force` whose source turns out bad halfway (a NaN in its 4th trajectory): exit 1, and
+    the store it was to replace opens and verifies as before."""
+    directory, trajs = legacy_buffer
+    url = backend.url("kept.ctraj")
+    run("convert", directory, url, "--waypoints", "3,6", "--quiet", *backend.cli_options)
+    bad = tmp_path / "bad" / "CIFAR10_NO_ZCA" / "ConvNet"
+    bad.mkdir(parents=True)
+    poisoned = [[[t.clone() for t in step] for step in traj] for traj in trajs]
+    poisoned[3][5][0].view(-1)[0] = float("nan")
+    for n in range(3):
+        torch.save(poisoned[2 * n:2 * n + 2], bad / f"replay_buffer_{n}.pt")
+    failed = run("convert", bad, url, "--force", "--quiet", *backend.cli_options, ok=False)
+    assert failed.exit_code == 1 and "NaN" in failed.output
+    store = trajstore.open(url, storage_options=backend.options, cache_dir=tmp_path / "c")
+    assert store.num_experts == 5
+    store.verify()
+    assert torch.equal(store.expert(3).anchor(6)["classifier.bias"], trajs[3][6][-1])
+
+
 def test_single_file_form_at_a_url(backend):
     url = backend.url("one.ctraj")
     trajs = [random_walk(seed=s) for s in range(2)]

@@ -468,7 +468,14 @@ class CTraj:
     @property
     def nbytes(self) -> int:
         """Bytes stored (on disk, or in the bucket)."""
-        return self._store.total_bytes()
+        if self._store.listable:
+            return self._store.total_bytes()
+        # https:// cannot list: the files the metadata names (each expert's manifest is read for it)
+        group = self.meta.experts_group
+        keys = [ROOT_META, f"{group}/{ROOT_META}"]
+        for expert in self:
+            keys += [f"{expert._dir}/{ROOT_META}", *(f"{expert._dir}/{rel}" for rel in expert._manifest())]
+        return sum(self._store.size(key) for key in keys)
 
     def __len__(self):
         return self.num_experts

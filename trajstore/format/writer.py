@@ -177,13 +177,14 @@ class Writer:
         self._replacing = False
         target = open_store(self._target, mode="w")
         target._writable()
-        if overwrite and self._target.remote and self._target.exists():
+        exists = self._target.exists()  # asked once: another writer may create it meanwhile (then joined below)
+        if overwrite and exists and self._target.remote:
             self._check_same_form()
         if single_file:
             if append:
                 raise TrajstoreError("a single-file .ctraj cannot be appended to; write the directory "
                                      "form and convert it when done", self.path)
-            if self._target.exists() and not overwrite:
+            if exists and not overwrite:
                 raise ExistsError("already exists (pass overwrite=True / --force to replace it)", self.path)
             scratch = self._target.path.parent if self._target.path is not None else None
             if scratch is not None:
@@ -191,13 +192,13 @@ class Writer:
             prefix = f".{self._target.name}.build-"
             self._store = DirectoryStore(tempfile.mkdtemp(prefix=prefix, dir=scratch))
             self._init_root()
-        elif self._target.exists() and append:
+        elif exists and append:
             self._store = target
             self._join_existing()
-        elif self._target.exists() and not overwrite:
+        elif exists and not overwrite:
             hint = "" if target.exists(ROOT_META) else " (an unfinished write: pass append=True to resume)"
             raise ExistsError(f"already exists{hint}; pass overwrite=True / --force to replace it", self.path)
-        elif self._target.exists():  # replace: the old store stays whole and readable until close
+        elif exists:  # replace: the old store stays whole and readable until close
             self._store = target.begin_build()
             self._replacing = True
             if self._store.shares_keys:  # no rename: the new experts go where the old tree has none

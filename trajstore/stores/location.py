@@ -185,6 +185,21 @@ def where(target) -> str:
     return str(Path(path).resolve())
 
 
+# What to pip install for a URL scheme (fsspec's own message names a class, not a package), and
+# which of those the `remote` extra brings.
+PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
+            "http": "aiohttp", "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+REMOTE_EXTRA = ("fsspec", "s3fs", "aiohttp", "huggingface_hub")
+
+
+def _missing_package(protocol: str) -> str:
+    package = PACKAGES.get(protocol)
+    if package is None:
+        return f"{protocol}:// URLs need an fsspec filesystem package that is not installed"
+    extra = " (or pip install 'trajstore[remote]')" if package in REMOTE_EXTRA else ""
+    return f"{protocol}:// URLs need {package}, which is not installed: pip install {package}{extra}"
+
+
 def locate(target, storage_options: dict | None = None) -> Location:
     """A Location for a path, a "file://" URL or any fsspec URL (options go to its filesystem)."""
     if isinstance(target, Location):
@@ -198,11 +213,13 @@ def locate(target, storage_options: dict | None = None) -> Location:
         return Location(target=target, path=Path(target[len("file://"):]), storage_options=options)
     try:
         import fsspec
-
+    except ImportError:
+        raise TrajstoreError("URLs need fsspec, which is not installed: pip install 'trajstore[remote]'",
+                             target) from None
+    try:
         fs, fs_path = fsspec.url_to_fs(target, **options)
-    except ImportError as exc:
-        raise TrajstoreError(f"reading {target.split('://')[0]}:// URLs needs a package that is not installed "
-                             f"({exc}); e.g. pip install 'trajstore[remote]'", target) from None
+    except ImportError:
+        raise TrajstoreError(_missing_package(target.split("://", 1)[0].lower()), target) from None
     except (ValueError, TypeError) as exc:
         raise TrajstoreError(f"cannot open this URL ({type(exc).__name__}: {exc})", target) from None
     return Location(target=target, fs=fs, fs_path=fs_path.rstrip("/"), storage_options=options)

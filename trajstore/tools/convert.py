@@ -91,9 +91,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     }
     # Built under a hidden name of our own and moved into place when complete: a failure removes only
     # that, never an `out` another process may have created meanwhile, and a conversion is never joined.
-    # An object store has no rename: the store is written in place and opens only once complete.
+    # An object store has no rename: the store is written in place and opens only once complete (a
+    # replace writes new keys beside the old store and switches with its root: docs/format.md §8).
     if target.remote:
-        build, published = target, False
+        build, published, replacing = target, False, target.exists()
     else:
         with os_errors(out):
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     finally:
         if not target.remote:
             atomic.remove(build)
-        elif not published:
+        elif not published and not replacing:  # a failed replace leaves the old store: the writer removed its build
             open_store(target, mode="w").delete("")
     store = open_ctraj(target)
     return ConvertReport(out=store.path, experts=store.num_experts, num_timesteps=store.num_timesteps,
