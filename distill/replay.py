@@ -13,11 +13,13 @@ from .run import CONFIG, DistillConfig
 
 
 def replayed_config(config_path: str | os.PathLike, source: str | os.PathLike | None = None,
-                    preset: str | None = None, **overrides) -> DistillConfig:
+                    preset: str | None = None, *, storage_options: dict | None = None,
+                    **overrides) -> DistillConfig:
     """The DistillConfig of the run whose config.json is `config_path` (the file or the run folder).
 
     Precedence, lowest first: the preset the run named (or `preset`), the run's settings, then every
-    non-None override; `source` replaces the run's source when given.
+    non-None override; `source` replaces the run's source when given. `storage_options` reach a source
+    at a URL when a preset's method must be read from it (they are never saved in config.json).
     """
     path = Path(config_path)
     if path.is_dir():
@@ -38,7 +40,7 @@ def replayed_config(config_path: str | os.PathLike, source: str | os.PathLike | 
     saved_source, saved_preset = doc.pop("source"), doc.pop("preset", None)
     try:
         return DistillConfig.from_preset(source or saved_source, preset or saved_preset,
-                                         **{**doc, **{k: v for k, v in overrides.items() if v is not None}})
+                                         storage_options=storage_options, **{**doc, **{k: v for k, v in overrides.items() if v is not None}})
     except TrajstoreError as exc:
         raise TrajstoreError(f"{exc} (settings from {path})") from None
     except (TypeError, ValueError) as exc:  # a hand-edited value of the wrong type

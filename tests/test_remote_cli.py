@@ -131,6 +131,17 @@ def test_distill_from_an_s3_store_is_the_run_from_the_local_copy(s3_experts, ref
     assert options["endpoint_url"] not in (tmp_path / "remote" / "config.json").read_text()  # options stay out
 
 
+
+def test_a_replayed_run_reaches_its_source_at_a_url_with_the_storage_options(s3_experts, tmp_path):
+    """--config with a short preset name reads the method from the source, which is on S3: the options
+    must reach it (they are never saved in config.json)."""
+    from trajstore.distill.replay import replayed_config
+
+    url, options = s3_experts[:2]
+    (tmp_path / "config.json").write_text(json.dumps({"source": url, "ipc": 1}))
+    config = replayed_config(tmp_path, preset="cifar10-ipc10", storage_options=options)
+    assert (config.source, config.preset, config.ipc) == (url, "mct-cifar10-ipc10", 1)
+
 @pytest.fixture(params=["s3", "memory"])
 def claim_store(request):
     if request.param == "s3":

@@ -98,7 +98,7 @@ def distill_command(source, config_path, buffer_path, logger, preset, out, force
     if config_path is not None:
         from trajstore.distill.replay import replayed_config
 
-        config = replayed_config(config_path, source, preset, **settings)
+        config = replayed_config(config_path, source, preset, storage_options=storage_options, **settings)
     elif source is None:
         raise click.UsageError("give SOURCE (a .ctraj, legacy buffer or archive), --buffer_path, or --config")
     else:
