@@ -159,14 +159,13 @@ class FsspecStore(Store):
     def zarr_store(self, read_only: bool = True):
         from zarr.storage import FsspecStore as ZarrFsspecStore
 
-        fs = self.fs
-        if getattr(fs, "async_impl", False):  # zarr runs its own event loop: a fresh async instance
-            fs = type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
-        else:  # zarr's fsspec store speaks asyncio
-            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
-        return ZarrFsspecStore(fs, read_only=read_only, path=self.root)
+        # zarr's fsspec store speaks asyncio on its own event loop. This store's (sync) filesystem,
+        # wrapped, serves it: a fresh async instance of an async backend (s3fs) would open an HTTP
+        # session on zarr's loop that nothing closes ("Unclosed client session" at exit).
+        return ZarrFsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), read_only=read_only,
+                               path=self.root)
 
     # -- replacing a store: new keys, the root last (docs/format.md §8) ---------------------------
 
