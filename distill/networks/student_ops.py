@@ -23,7 +23,6 @@ algorithm); ReLU and the classifier are PyTorch's own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -76,19 +75,14 @@ def avg_pool2(x: torch.Tensor) -> torch.Tensor:
 
 # Convolutions with fewer input channels than this run on PyTorch's own im2col + GEMM instead of oneDNN,
 # which is several times slower there (the first layer's 3 image channels: RESULTS §10) and faster on
-# many channels; weight gradients are oneDNN's either way.
+# many channels; weight gradients are oneDNN's either way. The im2col kernels are called by name, not
+# by switching torch.backends.mkldnn off around F.conv2d: that flag is global, and networks trained in
+# other threads at the same time (evaluation's side-by-side networks) would see it switched.
 _FEW_CHANNELS = 16
 
 
-@contextmanager
-def _backend(in_channels: int):
-    # torch.backends.mkldnn.enabled, not mkldnn.flags(): flags() also sets TF32 and warns about it
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and in_channels >= _FEW_CHANNELS
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+def _im2col(t: torch.Tensor, in_channels: int) -> bool:
+    return t.device.type == "cpu" and in_channels < _FEW_CHANNELS
 
 
 def _engine_needs(ctx, i: int) -> bool:
@@ -106,14 +100,20 @@ def _engine_needs(ctx, i: int) -> bool:
         return True
 
 
-def _conv(x, weight, padding):
-    with _backend(x.shape[1]):
-        return F.conv2d(x, weight, None, 1, padding)
+def _conv(x, weight, padding, bias=None):
+    if _im2col(x, weight.shape[1]):
+        return torch.ops.aten._slow_conv2d_forward(x, weight, weight.shape[2:], bias, [1, 1], padding)
+    return F.conv2d(x, weight, bias, 1, padding)
 
 
-def _conv_input_grad(gy, weight, padding):
-    with _backend(weight.shape[1]):
-        return F.conv_transpose2d(gy, weight, None, 1, padding)
+def _conv_input_grad(gy, weight, padding, x_shape):
+    """The gradient of conv2d(x, weight) w.r.t. x (of shape x_shape) for output gradient gy."""
+    if _im2col(gy, weight.shape[1]):
+        # only the input's shape is read: a zero-stride stand-in spares materialising it
+        shape_only = gy.new_empty(()).expand(x_shape)
+        return torch.ops.aten._slow_conv2d_backward(gy, shape_only, weight, weight.shape[2:], [1, 1], padding,
+                                                    [True, False, False])[0]
+    return F.conv_transpose2d(gy, weight, None, 1, padding)
 
 
 def _conv_weight_grad(x, gy, weight, padding):
@@ -129,15 +129,14 @@ class _Conv(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
-        ctx.padding = padding
+        ctx.padding, ctx.x_shape = padding, x.shape
         ctx.save_for_backward(x, weight)
-        with _backend(x.shape[1]):
-            return F.conv2d(x, weight, bias, 1, padding)
+        return _conv(x, weight, padding, bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        gx = _ConvInputGrad.apply(gy, weight, ctx.padding) if _engine_needs(ctx, 0) else None
+        gx = _ConvInputGrad.apply(gy, weight, ctx.padding, ctx.x_shape) if _engine_needs(ctx, 0) else None
         gw = _ConvWeightGrad.apply(x, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
         gb = gy.sum((0, 2, 3)) if _engine_needs(ctx, 2) else None
         return gx, gw, gb, None
@@ -145,10 +144,10 @@ class _Conv(Function):
 
 class _ConvInputGrad(Function):
     @staticmethod
-    def forward(ctx, gy, weight, padding):
+    def forward(ctx, gy, weight, padding, x_shape):
         ctx.padding = padding
         ctx.save_for_backward(gy, weight)
-        return _conv_input_grad(gy, weight, padding)
+        return _conv_input_grad(gy, weight, padding, x_shape)
 
     @staticmethod
     @once_differentiable
@@ -156,7 +155,7 @@ class _ConvInputGrad(Function):
         gy, weight = ctx.saved_tensors
         d_gy = _conv(ggx, weight, ctx.padding) if _engine_needs(ctx, 0) else None
         d_weight = _conv_weight_grad(ggx, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
-        return d_gy, d_weight, None
+        return d_gy, d_weight, None, None
 
 
 class _ConvWeightGrad(Function):
@@ -170,7 +169,7 @@ class _ConvWeightGrad(Function):
     @once_differentiable
     def backward(ctx, ggw):
         x, gy = ctx.saved_tensors
-        d_x = _conv_input_grad(gy, ggw, ctx.padding) if _engine_needs(ctx, 0) else None
+        d_x = _conv_input_grad(gy, ggw, ctx.padding, x.shape) if _engine_needs(ctx, 0) else None
         d_gy = _conv(x, ggw, ctx.padding) if _engine_needs(ctx, 1) else None
         return d_x, d_gy, None, None
 

@@ -1,0 +1,76 @@
+"""The distillation student's own layer Functions (distill/networks/student_ops.py): convolutions, against
+PyTorch's F.conv2d and its autograd, and free of process-global state."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_matching import _second_derivatives
+from trajstore.distill.networks import FunctionalNet, build, flat_parameters
+from trajstore.distill.networks.student_ops import conv2d
+
+
+def _conv_inputs(in_channels: int, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, in_channels, 6, 5, generator=g, dtype=dtype).requires_grad_(True)
+    weight = (0.3 * torch.randn(7, in_channels, 3, 3, generator=g, dtype=dtype)).requires_grad_(True)
+    bias = torch.randn(7, generator=g, dtype=dtype).requires_grad_(True)
+    return x, weight, bias
+
+
+# 3 input channels take the im2col kernels, 20 oneDNN's (float32 on the CPU; float64 is never oneDNN's)
+@pytest.mark.parametrize("in_channels", [3, 20])
+def test_student_convolution_first_and_second_derivatives_equal_autograds(in_channels):
+    inputs = _conv_inputs(in_channels, torch.float64)
+    # squared, so that second derivatives w.r.t. every input are non-zero
+    fast = _second_derivatives(lambda x, w, b: conv2d(x, w, b, [1, 1]).square(), inputs, 1)
+    ref = _second_derivatives(lambda x, w, b: F.conv2d(x, w, b, 1, 1).square(), inputs, 1)
+    for got, want in zip(fast[0] + list(fast[1]), ref[0] + list(ref[1])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_channels", [3, 20])
+@pytest.mark.parametrize("padding", [0, 1])
+def test_student_convolution_equals_f_conv2d_in_float32(in_channels, padding):
+    x, weight, bias = _conv_inputs(in_channels, torch.float32, seed=2)
+    gy = torch.randn(3, 7, 6 + 2 * padding - 2, 5 + 2 * padding - 2, generator=torch.Generator().manual_seed(3))
+    got = conv2d(x, weight, bias, [padding, padding])
+    want = F.conv2d(x, weight, bias, 1, padding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (x, weight, bias), gy), torch.autograd.grad(want, (x, weight, bias), gy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_student_leaves_the_global_mkldnn_switch_alone():
+    """Networks trained side by side in threads (evaluation) must never see torch.backends.mkldnn switched
+    while a student runs its first convolution on the im2col kernels."""
+    torch.manual_seed(0)
+    net = build("ConvNetW32", channel=3, num_classes=10, im_size=(32, 32))
+    student = FunctionalNet(net)
+    assert student._forward is not None
+    theta = flat_parameters(net).requires_grad_(True)
+    x = torch.randn(10, 3, 32, 32, requires_grad=True)
+    before = torch.backends.mkldnn.enabled
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add(torch.backends.mkldnn.enabled)
+            time.sleep(1e-5)  # lets the main thread have the GIL; convolutions run without it
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(3):
+            loss = F.cross_entropy(student(theta, x), torch.arange(10))
+            g = torch.autograd.grad(loss, theta, create_graph=True)[0]
+            torch.autograd.grad(g.square().sum(), (x, theta))
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {before}
