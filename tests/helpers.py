@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _sources() -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every source file of the package (trajstore/, distill/, cli/)."""
+    return {str(f): (f.stat().st_mtime_ns, f.stat().st_size)
+            for top in ("trajstore", "distill", "cli") for f in sorted((_REPO / top).rglob("*.py"))}
+
+
+# The code this test session runs: a subprocess imports the files as they are when it starts
+_SESSION_SOURCES = _sources()
 
 SMALL_LAYERS = [("conv.weight", (8, 3, 3, 3)), ("conv.bias", (8,)), ("fc.weight", (4, 32)), ("fc.bias", (4,))]
 
@@ -35,11 +49,12 @@ def run_until_killed(code: str) -> None:
     import signal
     import subprocess
     import sys
-    from pathlib import Path
-
-    import torch
 
     tests = Path(__file__).resolve().parent
+    # A source file edited (or merged) while the suite runs gives the child other code than this process
+    # has, and a run resumed across the two then differs in its last bits: say so instead.
+    edited = sorted(f for f, stat in _sources().items() if _SESSION_SOURCES.get(f) != stat)
+    assert not edited, f"source files changed while the tests ran, rerun the tests: {edited}"
     # the same intra-op thread count as this process: reductions, and so the last bits, depend on it
     prelude = (f"import os, signal, sys\nsys.path.insert(0, {str(tests)!r})\n"
                f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n")
