@@ -53,7 +53,7 @@ class _Pool2(Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _Spread2.apply(g)
+        return _Spread2.apply(g) if torch.is_grad_enabled() else _spread2(g)
 
 
 class _Spread2(Function):
@@ -63,7 +63,7 @@ class _Spread2(Function):
 
     @staticmethod
     def backward(ctx, gg):
-        return _Pool2.apply(gg)
+        return _Pool2.apply(gg) if torch.is_grad_enabled() else _pool2(gg)
 
 
 def avg_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,14 @@ class _Conv(Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        gx = _ConvInputGrad.apply(gy, weight, ctx.padding, ctx.x_shape) if _engine_needs(ctx, 0) else None
-        gw = _ConvWeightGrad.apply(x, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
+        # a backward that is not differentiated (create_graph=False) needs no Functions, only their values
+        graph = torch.is_grad_enabled()
+        gx = gw = None
+        if _engine_needs(ctx, 0):
+            gx = (_ConvInputGrad.apply(gy, weight, ctx.padding, ctx.x_shape) if graph
+                  else _conv_input_grad(gy, weight, ctx.padding, ctx.x_shape))
+        if _engine_needs(ctx, 1):
+            gw = _ConvWeightGrad.apply(x, gy, weight, ctx.padding) if graph else _conv_weight_grad(x, gy, weight, ctx.padding)
         gb = gy.sum((0, 2, 3)) if _engine_needs(ctx, 2) else None
         return gx, gw, gb, None
 
@@ -195,7 +201,10 @@ class _InstanceNorm(Function):
     @staticmethod
     def backward(ctx, g):
         y, weight, mean, rstd = ctx.saved_tensors
-        gy, gw, gb = _InstanceNormBackward.apply(g, y, weight, mean, rstd)
+        if torch.is_grad_enabled():
+            gy, gw, gb = _InstanceNormBackward.apply(g, y, weight, mean, rstd)
+        else:
+            gy, gw, gb = _group_norm_backward(g, y, weight, mean, rstd)
         return gy, gw, gb, None
 
 
@@ -207,6 +216,11 @@ def _plane_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch
     """Per-plane dot products through one reused product buffer: a fresh full-size temporary costs more
     in page faults than the multiplication."""
     return _plane_sum(torch.mul(a, b, out=scratch))
+
+
+def _group_norm_backward(g, y, weight, mean, rstd):
+    n, c, hw = _instance_dims(y)
+    return torch.ops.aten.native_group_norm_backward(g, y, mean, rstd, weight, n, c, hw, c, [True, True, True])
 
 
 class _InstanceNormBackward(Function):
@@ -228,7 +242,7 @@ class _InstanceNormBackward(Function):
     def forward(ctx, g, y, weight, mean, rstd):
         n, c, hw = _instance_dims(y)
         ctx.save_for_backward(g, y, weight, mean, rstd)
-        return torch.ops.aten.native_group_norm_backward(g, y, mean, rstd, weight, n, c, hw, c, [True, True, True])
+        return _group_norm_backward(g, y, weight, mean, rstd)
 
     @staticmethod
     @once_differentiable
