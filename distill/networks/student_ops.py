@@ -143,7 +143,8 @@ class _Conv(Function):
             gx = (_ConvInputGrad.apply(gy, weight, ctx.padding, ctx.x_shape) if graph
                   else _conv_input_grad(gy, weight, ctx.padding, ctx.x_shape))
         if _engine_needs(ctx, 1):
-            gw = _ConvWeightGrad.apply(x, gy, weight, ctx.padding) if graph else _conv_weight_grad(x, gy, weight, ctx.padding)
+            gw = (_ConvWeightGrad.apply(x, gy, weight, ctx.padding) if graph
+                  else _conv_weight_grad(x, gy, weight, ctx.padding))
         gb = gy.sum((0, 2, 3)) if _engine_needs(ctx, 2) else None
         return gx, gw, gb, None
 
