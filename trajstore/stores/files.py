@@ -72,8 +72,12 @@ class DirectoryStore(Store):
             return []
 
     def files(self, prefix: str) -> list[str]:
-        return sorted(str(p.relative_to(self.root)).replace(os.sep, "/")
-                      for p in self._path(prefix).rglob("*") if p.is_file())
+        found = []
+        # os.walk skips a directory that vanishes while it lists (another writer's expert renamed
+        # into place), where Path.rglob raises
+        for folder, _, names in os.walk(self._path(prefix)):
+            found.extend(p for p in (Path(folder, name) for name in names) if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in found)
 
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
