@@ -16,17 +16,26 @@ The variants take turns within every round, so load from other jobs falls on all
 figures are medians over rounds, in wall seconds and in this process's CPU seconds (all its threads).
 `breakdown` says where one network's time goes: FLOPs of one training step (torch's FlopCounterMode),
 its CPU time on one thread (hence GFLOP/s: compute- or dispatch-bound), DSA's share, the test pass and
-the data set-up, all on one thread.
+the data set-up, all on one thread, and which operations its step spends the time in (torch.profiler).
+
+`layouts` (--layouts) asks whether K networks could run more efficiently per FLOP than one: CPU time per
+network-step (forward and backward, no DSA) on one thread (--threads N: on N), the variants taking turns, of one network, K
+networks as one wide network (`_Wide`: their channels side by side, grouped convolutions, per-network
+classifiers as one batched matmul; checked against the K networks before timing) and both in channels_last;
+and the roofline: the network's convolutions alone (`conv_forward`, `conv_backward`: oneDNN at the
+step's shapes, on one core), the least time any layout of the same FLOPs can approach.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks.common import add_device_option, check_device, write_result
 from trajstore.distill.augment import seeded_dsa
@@ -73,10 +82,158 @@ def breakdown(model: str, ipc: int, device: str, steps: int = 20) -> dict:
         with FlopCounterMode(display=False) as counter:
             accuracy(net, ds.test_images.to(device), ds.test_labels.to(device), device=device)
         test_flops = counter.get_total_flops()
+        profile = _profile_step(step(seeded_dsa(g)), steps)
     return {"batch": len(labels), "step_flops": flops, "step_cpu_s": with_dsa, "step_cpu_s_without_dsa": without,
             "dsa_share": 1 - without / with_dsa, "gflops_per_cpu_s": flops / without / 1e9,
             "test_pass_cpu_s": test, "test_pass_flops": test_flops, "test_images": len(ds.test_labels),
-            "data_setup_cpu_s": setup}
+            "data_setup_cpu_s": setup, "step_profile_shares": profile}
+
+
+def _profile_step(step, steps: int) -> dict:
+    """Shares of one step function's self CPU time by kind of operation (torch.profiler, one thread; shares,
+    as the profiler's own overhead inflates the absolute times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kinds = {"conv_forward": ("mkldnn_convolution", "_convolution", "thnn_conv2d"),
+             "conv_backward": ("convolution_backward",), "norm": ("group_norm",), "pool": ("avg_pool2d",),
+             "relu": ("threshold", "relu", "clamp_min"), "fill_and_copy": ("fill_", "copy_", "zero_")}
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    out = dict.fromkeys([*kinds, "other"], 0.0)
+    for e in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if any(n in e.key for n in names)), "other")
+        out[kind] += e.self_cpu_time_total
+    total = sum(out.values())
+    return {kind: t / total for kind, t in out.items()}
+
+
+class _Wide(torch.nn.Module):
+    """K ConvNets (instance norm) as one network: their channels side by side, each convolution grouped
+    by network (the first over the K networks' own batches stacked along channels), instance norm per
+    channel (so per network), ReLU and pooling as they are, the K classifiers as one batched matmul.
+    Input (B, K*C, H, W): network k's batch in channels [k*C, (k+1)*C); output (B, K, classes)."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.k, layers = len(nets), []
+        for mods in zip(*(n.features for n in nets)):
+            m = mods[0]
+            cat = [torch.nn.Parameter(torch.cat([getattr(x, a).detach() for x in mods]))
+                   for a in ("weight", "bias") if hasattr(m, a)]
+            if isinstance(m, torch.nn.Conv2d):
+                layers.append(("conv", m.padding, *cat))
+            elif isinstance(m, torch.nn.GroupNorm):
+                assert m.num_groups == m.num_channels, "instance norm only"
+                layers.append(("norm", m.eps, *cat))
+            else:
+                layers.append(("module", m))
+        self.layers = layers
+        self.weights = torch.nn.ParameterList([p for layer in layers for p in layer[2:]])
+        self.fc_w = torch.nn.Parameter(torch.stack([n.classifier.weight.detach() for n in nets]))  # (K, O, F)
+        self.fc_b = torch.nn.Parameter(torch.stack([n.classifier.bias.detach() for n in nets]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            if layer[0] == "conv":
+                x = torch.nn.functional.conv2d(x, layer[2], layer[3], padding=layer[1], groups=self.k)
+            elif layer[0] == "norm":
+                x = torch.nn.functional.group_norm(x, x.size(1), layer[2], layer[3], layer[1])
+            else:
+                x = layer[1](x)
+        x = x.contiguous().view(x.size(0), self.k, -1)  # network k's features, in its own (C, H, W) order
+        return torch.einsum("bkf,kof->bko", x, self.fc_w) + self.fc_b
+
+
+def layouts(model: str, ipc: int, k: int, rounds: int, threads: int = 1) -> dict:
+    """CPU ms per network-step (and GFLOP per CPU second) on `threads` intra-op threads: one network, K as one wide network,
+    each in channels_last; the convolution roofline; profile shares. See the module's doc."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ds = load_dataset("digits")
+    b = ipc * ds.num_classes
+    torch.manual_seed(0)
+    nets = [build(model, ds.channel, ds.num_classes, ds.im_size) for _ in range(k)]
+    wide = _Wide(nets)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(k, b, ds.channel, *ds.im_size, generator=g)
+    ys = torch.randint(ds.num_classes, (k, b), generator=g)
+    x_wide = xs.transpose(0, 1).reshape(b, k * ds.channel, *ds.im_size)
+    with torch.no_grad():  # the wide network is the K networks
+        torch.testing.assert_close(wide(x_wide), torch.stack([n(x) for n, x in zip(nets, xs)], 1),
+                                   rtol=1e-4, atol=1e-4)
+    one_cl = copy.deepcopy(nets[0]).to(memory_format=torch.channels_last)
+    wide_cl = copy.deepcopy(wide).to(memory_format=torch.channels_last)
+
+    def one_step(net, x):
+        def step():
+            F.cross_entropy(net(x), ys[0]).backward()
+        return step
+
+    def wide_step(net, x):
+        def step():
+            out = net(x)
+            F.cross_entropy(out.flatten(0, 1), ys.t().flatten(), reduction="none").view(b, k).mean(0).sum().backward()
+        return step
+
+    steps = {"one": (one_step(nets[0], xs[0]), 1),
+             "one_channels_last": (one_step(one_cl, xs[0].contiguous(memory_format=torch.channels_last)), 1),
+             f"wide{k}": (wide_step(wide, x_wide), k),
+             f"wide{k}_channels_last": (wide_step(wide_cl, x_wide.contiguous(memory_format=torch.channels_last)), k)}
+    with FlopCounterMode(display=False) as counter:
+        steps["one"][0]()
+    flops = counter.get_total_flops()
+    # the roofline: the network's convolutions alone at their shapes in the step, forward and backward (as
+    # training asks: no input gradient for the first, whose input is the images)
+    convs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: convs.append((m, i[0].detach(), torch.randn_like(o))))
+             for m in nets[0].features if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        nets[0](xs[0])
+    for h in hooks:
+        h.remove()
+    conv_flops = sum(2 * g.numel() * m.weight[0].numel() for m, _, g in convs)  # 2 x outputs x (Cin k k)
+
+    def conv_forward():
+        for m, x, _ in convs:
+            F.conv2d(x, m.weight.detach(), m.bias.detach(), m.stride, m.padding)
+
+    def conv_backward():
+        for i, (m, x, g) in enumerate(convs):
+            torch.ops.aten.convolution_backward(g, x, m.weight.detach(), [m.out_channels], m.stride, m.padding,
+                                                m.dilation, False, [0, 0], 1, [i > 0, True, True])
+
+    conv_backward_flops = 2 * conv_flops - 2 * convs[0][2].numel() * convs[0][0].weight[0].numel()
+    steps["conv_forward"] = (conv_forward, 1)
+    steps["conv_backward"] = (conv_backward, 1)
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(rounds):
+            for name, (step, per) in tqdm(steps.items(), desc="layouts", leave=False):
+                step()
+                n = max(2, 24 // (per * ipc))
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(n):
+                    step()
+                cpu[name].append((time.process_time() - c0) / n / per)
+                wall[name].append((time.perf_counter() - t0) / n / per)
+        profile = {"one": _profile_step(steps["one"][0], 10), f"wide{k}": _profile_step(steps[f"wide{k}"][0], 2)}
+    finally:
+        torch.set_num_threads(before)
+    med = {name: statistics.median(t) for name, t in cpu.items()}
+    work = {name: flops for name in steps} | {"conv_forward": conv_flops, "conv_backward": conv_backward_flops}
+    return {"batch": b, "networks": k, "threads": threads, "step_flops": flops,
+            "conv_flops": {"forward": conv_flops, "backward": conv_backward_flops},
+            "cpu_ms_per_network_step": {n: 1e3 * t for n, t in med.items()},
+            "wall_ms_per_network_step": {n: 1e3 * statistics.median(t) for n, t in wall.items()},
+            "all_cpu_ms": {n: [1e3 * t for t in v] for n, v in cpu.items()},
+            "gflops_per_cpu_s": {n: work[n] / t / 1e9 for n, t in med.items()},
+            "profile_shares": profile}
 
 
 def main(argv=None):
@@ -90,11 +247,16 @@ def main(argv=None):
     p.add_argument("--variants", default="one_network,one_network_one_thread,k_default,k_one_by_one,k_together",
                    help="comma-separated, of those in the module's doc")
     add_device_option(p)
+    p.add_argument("--layouts", action="store_true",
+                   help="only the per-FLOP comparison of one network, K as one wide network and channels_last")
     p.add_argument("--out", default="benchmarks/results/evaluate.json")
     args = p.parse_args(argv)
     device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layouts:
+        return write_result(args.out, "evaluate_layouts", vars(args),
+                            {"cpu": layouts(args.model, args.ipc, args.nets, max(args.rounds, 3), args.threads or 1)})
     ds = load_dataset("digits")
     images, labels = random_subset(ds, args.ipc, seed=0)
     every = {"one_network": (dict(num_nets=1), contextlib.nullcontext),

@@ -125,6 +125,43 @@ def test_evaluate_benchmark(tmp_path):
     assert r["breakdown"]["step_flops"] > 0 and r["breakdown"]["step_cpu_s"] > 0
 
 
+def test_evaluate_layouts_benchmark(tmp_path):
+    from benchmarks import bench_evaluate
+
+    r = result(bench_evaluate.main(["--layouts", "--nets", "3", "--model", "ConvNetW8",
+                                    "--out", str(tmp_path / "l.json")]))["cpu"]
+    assert set(r["gflops_per_cpu_s"]) == {"one", "one_channels_last", "wide3", "wide3_channels_last",
+                                          "conv_forward", "conv_backward"}
+    assert all(len(t) == 3 and min(t) > 0 for t in r["all_cpu_ms"].values())
+    assert all(sum(shares.values()) == pytest.approx(1) for shares in r["profile_shares"].values())
+
+
+def test_the_wide_network_is_the_networks_side_by_side():
+    """bench_evaluate's wide network (what --layouts times) computes each network's output and gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.bench_evaluate import _Wide
+    from trajstore.distill.networks import build
+
+    torch.manual_seed(0)
+    nets = [build("ConvNetW8", 3, 10, (32, 32)) for _ in range(3)]
+    wide = _Wide(nets)
+    xs, ys = torch.randn(3, 4, 3, 32, 32), torch.randint(10, (3, 4))
+    out = wide(xs.transpose(0, 1).reshape(4, 9, 32, 32))
+    F.cross_entropy(out.flatten(0, 1), ys.t().flatten(), reduction="none").view(4, 3).mean(0).sum().backward()
+    for k, net in enumerate(nets):
+        alone = net(xs[k])
+        F.cross_entropy(alone, ys[k]).backward()
+        torch.testing.assert_close(out[:, k], alone, rtol=1e-4, atol=1e-5)
+        grads = [p.grad for p in net.parameters()]  # features' in order, then the classifier's
+        assert len(grads) == len(wide.weights) + 2
+        for w, g in zip(wide.weights, grads):
+            torch.testing.assert_close(w.grad.chunk(3)[k], g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wide.fc_w.grad[k], grads[-2], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wide.fc_b.grad[k], grads[-1], rtol=1e-4, atol=1e-6)
+
+
 def test_experts_benchmark(tmp_path):
     from benchmarks import bench_experts
 

@@ -35,6 +35,8 @@ def integers(xs, name: str, where=None) -> tuple[int, ...]:
 
 def real(x, name: str, where=None) -> float:
     """x as a finite float if it is a real number (not bool or str; a one-element tensor is accepted)."""
+    if x.__class__ is float and math.isfinite(x):  # the usual call, answered without the checks below (hot in `at`)
+        return x
     if hasattr(x, "numel") and hasattr(x, "item") and x.numel() == 1 and not x.dtype.is_complex:
         x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):

@@ -104,15 +104,20 @@ class _FlatLerp:
     f = round(w), base = x (w < 0.5) or f = -round(1 - w), base = y: y + (-r)*d is y - r*d bit for bit
     (negation is exact and rounding to nearest is symmetric), so this is docs/format.md §7, rounded twice.
     A large layer is multiplied on its own with a scalar factor, a run of small layers in one call with
-    a factor per value; the additions run over the stretches of layers that share a base. numpy, not
-    torch: a numpy call costs a third of a torch call, and the large layers are bandwidth-bound either way.
+    a factor per value; the additions run over the stretches of layers that share a base (one call over
+    the whole vector when every layer has the same). numpy, not torch: a numpy call costs a third of a
+    torch call, and the large layers are bandwidth-bound either way.
+
+    What does not depend on c is made once here: the parts, and per thread and dtype a buffer of the
+    layers' factors with a 0-d view of each large layer's (a 0-d array operand costs numpy half what a
+    scalar does: no scalar conversion per call), so that a call fills 14 numbers and runs the passes.
     """
 
     BIG = 4096  # values from which a layer gets its own multiply
 
     def __init__(self, numels: list[int]):
         bounds = [0, *itertools.accumulate(numels)]
-        self.bounds = bounds
+        self.bounds, self.num_layers = bounds, len(numels)
         self.parts: list[slice] = []  # the vector's parts, each multiplied in one call
         self.factor_of: list[int | slice] = []  # per part: its layer (a scalar factor) or its slice of `small`
         small, counts, layer = [], [], 0
@@ -131,6 +136,7 @@ class _FlatLerp:
             layer = end
         self.small_layers, self.small_counts = np.array(small, dtype=np.intp), np.array(counts, dtype=np.intp)
         self._stretches: dict[bytes, list[tuple[slice, bool]]] = {}
+        self._local = threading.local()  # per thread: {numpy dtype: (factors, their views per part)}
 
     def split(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[part] for part in self.parts]
@@ -150,23 +156,40 @@ class _FlatLerp:
                 self._stretches[key] = found
         return found
 
+    def _buffer(self, dtype: np.dtype) -> tuple[np.ndarray, list]:
+        """This thread's factor buffer for dtype and, per part, the 0-d view of its layer's factor (None for a
+        run of small layers, whose per-value factors are gathered per call)."""
+        held = self._local.__dict__.get(dtype)
+        if held is None:
+            factors = np.zeros(self.num_layers, dtype=dtype)
+            views = [factors[f:f + 1].reshape(()) if f.__class__ is int else None for f in self.factor_of]
+            held = self._local.__dict__[dtype] = (factors, views)
+        return held
+
     def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], ws: list[float], out: np.ndarray,
                  out_parts: list[np.ndarray]) -> None:
+        factors, per_part = self._buffer(out.dtype)
         # Each rounded once from float64: for float32 and float64 by numpy's cast (the hardware's IEEE
         # conversion); float16 by _round_weight, as a cast through float32 would round twice. -(1 - w) keeps
         # the -0.0 of w = 1 (y - 0*d and y + (-0)*d agree only then).
         if out.dtype.itemsize == 2:
-            factors = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16)
-                       for w in ws]
+            factors[:] = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16)
+                          for w in ws]
         else:
-            factors = [w if w < 0.5 else -(1.0 - w) for w in ws]
-        factors = np.array(factors, dtype=out.dtype)
-        small = factors.take(self.small_layers).repeat(self.small_counts)
+            factors[:] = [w if w < 0.5 else -(1.0 - w) for w in ws]
+        if len(self.small_layers):
+            small = factors.take(self.small_layers).repeat(self.small_counts)
+            per_part = [small[f] if v is None else v for f, v in zip(self.factor_of, per_part)]
         multiply, add = np.multiply, np.add
-        for d, o, f in zip(d_parts, out_parts, self.factor_of):
-            multiply(d, factors[f] if f.__class__ is int else small[f], o)
-        for part, from_y in self.stretches(np.signbit(factors)):
-            add(out[part], y[part] if from_y else x[part], out[part])
+        for d, o, f in zip(d_parts, out_parts, per_part):
+            multiply(d, f, o)
+        if max(ws, default=0.0) < 0.5:  # every layer from x (the usual case near a piece's start)
+            add(out, x, out)
+        elif min(ws) >= 0.5:  # every layer from y
+            add(out, y, out)
+        else:
+            for part, from_y in self.stretches(np.signbit(factors)):
+                add(out[part], y[part] if from_y else x[part], out[part])
 
 
 class _Anchor:
@@ -304,31 +327,32 @@ class Expert:
 
         With flat=True, `out` may be a preallocated vector to fill (saves an allocation per call).
         """
-        path = self._s.path
-        if self._beta_rows is None:
-            self._beta_rows = self.beta.tolist()
-        epochs = self._s.meta.anchor_epochs
+        s = self._s
+        rows = self._beta_rows
+        if rows is None:
+            rows = self._beta_rows = self.beta.tolist()
+        epochs = s.meta.anchor_epochs
         try:
-            piece, ws = piece_weights(self._beta_rows, epochs, c)
+            piece, ws = piece_weights(rows, epochs, c)
         except OutOfRangeError as exc:
-            raise OutOfRangeError(str(exc), path) from None
-        dev, dtype = _device(device, path), _dtype(dtype, path)
+            raise OutOfRangeError(str(exc), s.path) from None
+        dev = _CPU if device is None else _device(device, s.path)
+        dtype = None if dtype is None else _dtype(dtype, s.path)
         if out is not None and (not flat or not isinstance(out, torch.Tensor)):
             raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
-                                 path)
-        s = self._s
+                                 s.path)
         a, b, d_parts = s._piece(self, epochs[piece], epochs[piece + 1], dev, dtype, flat)
         if flat:
             if a.flat is None:
-                raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", path)
+                raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", s.path)
             reused = out is not None  # a caller's `out`, which comes again: its views are kept
             if not reused:
                 out = torch.empty(s.num_params, dtype=a.flat.dtype, device=dev)
             elif out.shape != (s.num_params,) or out.dtype != a.flat.dtype or out.device != a.flat.device:
                 raise TrajstoreError(f"out must be a {a.flat.dtype} vector of {s.num_params} values on "
-                                     f"{a.flat.device}", path)
+                                     f"{a.flat.device}", s.path)
             elif out.requires_grad:
-                raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", path)
+                raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", s.path)
             if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
                 s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, reused))
                 return out
@@ -561,12 +585,12 @@ class CTraj:
         difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
         keys = ((expert.id, a, device, dtype), (expert.id, b, device, dtype), (expert.id, a, b, device, dtype))
         keys = keys if difference else keys[:2]
-        with self._lock:  # the usual case: all held
-            held = [self._cache.get(key) for key in keys]
-            if None not in held:
+        cache = self._cache
+        with self._lock:  # the usual case: all held (this runs on every call of `at`, so it is kept lean)
+            if all(key in cache for key in keys):
                 for key in keys:
-                    self._cache.move_to_end(key)
-                return held[0][0], held[1][0], held[2][0] if difference else None
+                    cache.move_to_end(key)
+                return cache[keys[0]][0], cache[keys[1]][0], cache[keys[2]][0] if difference else None
         x = self._anchor(expert, a, device, dtype)
         y = self._anchor(expert, b, device, dtype)
         if not difference:
