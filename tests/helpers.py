@@ -45,3 +45,21 @@ def run_until_killed(code: str) -> None:
                f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n")
     proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=tests.parent, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+
+
+# Code for run_until_killed: the process dies when a local replace swaps a finished tree for the old one
+# (trajstore.stores.atomic.publish_dir): between the two renames of a replace done by renames, or once
+# the swap is done, before the old tree is removed.
+KILL_AT_LOCAL_SWAP = """
+from trajstore.stores import atomic
+_publish, _rename, _renames = atomic.publish_dir, os.rename, []
+def _rename_or_die(a, b):
+    _renames.append(1)
+    if len(_renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _rename(a, b)
+def _publish_dir(*args, **kwargs):
+    os.rename, atomic.remove = _rename_or_die, lambda path: os.kill(os.getpid(), signal.SIGKILL)
+    _publish(*args, **kwargs)
+atomic.publish_dir = _publish_dir
+"""

@@ -1,6 +1,8 @@
 """The lossless archive: pack, unpack, random access, integrity."""
 
+import hashlib
 import json
+import textwrap
 
 import numcodecs
 import numpy as np
@@ -12,6 +14,7 @@ import trajstore
 from trajstore.archive import XorDelta, open_archive, pack, unpack
 from trajstore.tools.inspect import verify
 from trajstore.legacy import open_buffer
+from helpers import KILL_AT_LOCAL_SWAP, run_until_killed
 
 INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -146,3 +149,36 @@ def test_slowly_moving_weights_pack_below_three_quarters(tmp_path):
     torch.save(trajs, tmp_path / "ConvNet" / "replay_buffer_0.pt")
     report = pack(tmp_path / "ConvNet", tmp_path / "arch", progress=False, architecture=["w", "b"])
     assert report.ratio <= 0.75
+
+
+def test_unpack_force_killed_at_the_swap_leaves_one_whole_buffer(tmp_path, legacy_buffer):
+    """`unpack --force` over an earlier unpack, SIGKILLed as it swaps the new files in: the directory
+    holds the new files, all of them (never nothing, as a replace by two renames could leave)."""
+    directory, trajs = legacy_buffer
+    pack(directory, tmp_path / "arch", progress=False)
+    out = tmp_path / "out"
+    unpack(tmp_path / "arch", out, per_file=2, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [f"replay_buffer_{n}.pt" for n in range(3)]
+    run_until_killed(KILL_AT_LOCAL_SWAP + textwrap.dedent(f"""
+        from trajstore.archive import unpack
+        unpack({str(tmp_path / "arch")!r}, {str(out)!r}, per_file=5, overwrite=True, progress=False)
+        sys.exit(3)  # not killed: the swap was never reached
+    """))
+    assert [p.name for p in out.iterdir()] == ["replay_buffer_0.pt"]
+    restored = torch.load(out / "replay_buffer_0.pt", weights_only=True)
+    assert len(restored) == 5 and all(torch.equal(a, b) for a, b in zip(restored[4][10], trajs[4][10]))
+
+
+@pytest.mark.parametrize("group", ["../params", "params.XYZ", "params.0123456789abcdef/..", 7])
+def test_a_hand_edited_params_group_is_refused(tmp_path, legacy_buffer, group):
+    """The root names where the layer arrays are (docs/format.md, "Archive"); an edited name, resealed
+    as the spec says, is one FormatError, never a read outside the archive's groups."""
+    directory, _ = legacy_buffer
+    pack(directory, tmp_path / "arch", progress=False)
+    root = tmp_path / "arch" / "zarr.json"
+    doc = json.loads(root.read_text())
+    doc["attributes"]["trajstore_archive"].update(params_group=group, sha256="0" * 64)
+    data = json.dumps(doc, indent=2).encode()
+    root.write_bytes(data.replace(b'"' + b"0" * 64 + b'"', f'"{hashlib.sha256(data).hexdigest()}"'.encode()))
+    with pytest.raises(trajstore.FormatError, match="params_group"):
+        open_archive(tmp_path / "arch")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import pytest
 import torch
 
 import trajstore
-from helpers import SMALL_LAYERS, random_walk, run_until_killed, write_store
-from trajstore.stores.location import locate, open_store, parse_storage_options
+from trajstore.archive import open_archive, pack
+from helpers import KILL_AT_LOCAL_SWAP, SMALL_LAYERS, random_walk, run_until_killed, write_store
+from trajstore.stores.location import Location, locate, open_store, parse_storage_options
 from trajstore.stores.remote import FsspecStore
 from trajstore.tools.convert import open_source
 
@@ -238,6 +240,84 @@ def test_concurrent_writers_share_one_store(backend):
             w.write_expert(random_walk(seed=99), index=7)
 
 
+@pytest.mark.parametrize("answered", [1, 2])
+def test_a_writer_starting_while_another_creates_the_store_joins_it(backend, monkeypatch, answered):
+    """Two appending writers start one store: B asks whether the store exists and hears "no"; A then
+    creates it before B goes on. B must join A's store, never treat it as one to replace. (The flaky
+    `test_concurrent_writers_share_one_store[file]`: a writer that asked three times could hear "no",
+    "no", "yes" and take the replace path, so its close renamed the live store away and deleted it
+    under the other writers, whose temporary files vanished.) `answered`: after which of B's asks A
+    creates the store (an ask that does not happen leaves A to start after B)."""
+    url = backend.url("raced.ctraj")
+    opts = dict(storage_options=backend.options)
+    real, asks, others = Location.exists, [], []
+
+    def exists(location):
+        answer = real(location)
+        if location.target == url and not others and not answer:
+            asks.append(answer)
+            if len(asks) == answered:  # A starts the store between this ask and what B does next
+                others.append(trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts))
+        return answer
+
+    monkeypatch.setattr(Location, "exists", exists)
+    b = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts)
+    a = others[0] if others else trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts)
+    trajs = [random_walk(seed=40 + i) for i in range(3)]
+    a.write_expert(trajs[0], index=0)
+    b.write_expert(trajs[1], index=1)
+    b.close()  # had B taken the replace path, this would swap A's store (and expert 0) out
+    a.write_expert(trajs[2], index=2)
+    a.close()
+    store = trajstore.open(url, **opts)
+    assert store.expert_ids == [0, 1, 2]
+    store.verify()
+    for i, traj in enumerate(trajs):
+        assert torch.equal(store.expert(i).at(10.0, flat=True), _flat(traj, 10))
+
+
+@pytest.mark.parametrize("who", ["creator", "joiner"])
+def test_a_failed_writer_leaves_the_store_others_are_writing(backend, monkeypatch, who):
+    """A creates a store and B joins it; before any expert is published one of them fails (an exception
+    in its `with` block) while the other is between two files of its first expert. The failed writer
+    must not remove the store (it once deleted it whenever no expert was published yet: the other
+    writer's next file then found its directory gone)."""
+    url = backend.url("shared-fail.ctraj")
+    opts = dict(storage_options=backend.options)
+    a = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts)
+    b = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts)
+    failing, going = (a, b) if who == "creator" else (b, a)
+    real, failed = type(going._store).write_bytes, []
+
+    def write_bytes(store, key, data):
+        real(store, key, data)
+        if store is going._store and "anchor_" in key and not failed:  # between two files of the expert
+            with pytest.raises(RuntimeError, match="training diverged"):
+                with failing:
+                    failed.append(key)
+                    raise RuntimeError("training diverged")
+
+    monkeypatch.setattr(type(going._store), "write_bytes", write_bytes)
+    traj = random_walk(seed=50)
+    going.write_expert(traj, index=1)
+    assert failed
+    going.close()
+    store = trajstore.open(url, **opts)
+    assert store.expert_ids == [1]
+    store.verify()
+    assert torch.equal(store.expert(0).at(10.0, flat=True), _flat(traj, 10))  # position 0: the expert of id 1
+
+
+def test_a_failed_writer_alone_removes_the_store_it_created(backend):
+    """Nobody else wrote to it: a failed new store is removed, as before."""
+    url = backend.url("alone.ctraj")
+    with pytest.raises(RuntimeError, match="training diverged"):
+        with trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True,
+                              storage_options=backend.options):
+            raise RuntimeError("training diverged")
+    assert not locate(url, backend.options).exists()
+
+
 WRITE_FOREVER = textwrap.dedent("""
     import json, sys, trajstore
     sys.path.insert(0, {tests!r})
@@ -411,6 +491,73 @@ def test_pack_unpack_at_a_url(backend, legacy_buffer, tmp_path, run):
     assert all(torch.equal(a, b) for a, b in zip(restored[3][7], trajs[3][7]))
 
 
+PACK_UNTIL_KILLED = textwrap.dedent("""
+    import json
+    import trajstore.archive
+    from trajstore.stores.remote import FsspecStore
+    src, url, options, when, layers = {src!r}, {url!r}, json.loads({options!r}), {when!r}, {layers!r}
+    packing = sys.modules["trajstore.archive.pack"]  # the module, which the package's `pack` function hides
+    die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    if when == "writing":  # the third expert's first tensors: two experts are written, three are not
+        real_bits, calls = packing._bits, []
+        def bits(tensors):
+            calls.append(1)
+            if len(calls) == 2 * layers + 1:
+                die()
+            return real_bits(tensors)
+        packing._bits = bits
+    else:  # the switch: the new archive is in place, the old one not yet deleted (a local path: KILL_AT_LOCAL_SWAP)
+        FsspecStore._remove = die  # at a URL: the old keys' deletion, after the root's PUT
+    packing.pack(src, url, overwrite=True, progress=False, storage_options=options)
+    sys.exit(3)  # not killed: the point named was never reached
+""")
+
+
+def _same_archive(url, options, trajs):
+    archive = open_archive(url, storage_options=options)
+    archive.verify()
+    assert archive.num_experts == len(trajs)
+    for i in (0, len(trajs) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(archive.trajectory(i)[7], trajs[i][7]))
+
+
+@pytest.mark.parametrize("when", ["writing", "switch"])
+def test_pack_force_killed_never_leaves_nothing(backend, legacy_buffer, legacy_write, legacy_layers, tmp_path,
+                                                monkeypatch, when):
+    """`pack --force` over an archive, SIGKILLed while writing the new one (the old one still opens,
+    whole, with its own data) or at the switch (the new one opens, whole). On memory://, which one
+    process holds, the write fails with an exception instead of a kill."""
+    directory, old = legacy_buffer
+    new_dir = tmp_path / "new" / "CIFAR10_NO_ZCA" / "ConvNet"
+    new = legacy_write(new_dir, 4, per_file=2, seed=100)
+    url = backend.url("full.zarr")
+    pack(directory, url, progress=False, storage_options=backend.options)
+    if backend.name == "memory":
+        if when == "switch":
+            pytest.skip("memory:// lives in this process: there is no writer process to kill")
+        packing = sys.modules["trajstore.archive.pack"]
+
+        def fail(tensors):
+            raise RuntimeError("interrupted")
+
+        monkeypatch.setattr(packing, "_bits", fail)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            pack(new_dir, url, overwrite=True, progress=False, storage_options=backend.options)
+        monkeypatch.undo()
+    else:
+        code = PACK_UNTIL_KILLED.format(src=str(new_dir), url=url, options=json.dumps(backend.options), when=when,
+                                        layers=len(legacy_layers))
+        run_until_killed((KILL_AT_LOCAL_SWAP if when == "switch" else "") + code)
+    _same_archive(url, backend.options, old if when == "writing" else new)
+    if when == "switch":
+        return
+    pack(new_dir, url, overwrite=True, progress=False, storage_options=backend.options)  # a later replace
+    _same_archive(url, backend.options, new)
+    if backend.name != "file":  # ... leaves one root and the one group it names, nothing of the old or killed ones
+        groups = {k.split("/", 1)[0] for k in _keys(backend, "full.zarr")}
+        assert len(groups - {"zarr.json"}) == 1 and groups - {"zarr.json"} != {"params"}
+
+
 def test_parse_storage_options():
     assert parse_storage_options(["anon=true", "endpoint_url=http://x:1", "client_kwargs.region_name=eu"]) == {
         "anon": True, "endpoint_url": "http://x:1", "client_kwargs": {"region_name": "eu"}}
@@ -444,3 +591,14 @@ def test_bad_urls_are_one_clear_error(run):
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "memory://nothing-here/x.ctraj" in bad.output
     bad = run("convert", "memory://nothing-here/buffers", "memory://out/x.ctraj", ok=False)
     assert bad.exit_code == 1 and "memory://nothing-here/buffers: no such buffer file or directory" in bad.output
+
+
+def test_a_store_removed_under_its_writer_is_an_error_not_started_again(tmp_path):
+    """Someone deletes a local store while its writer works: the writer's next file fails with one
+    error, and no store missing its metadata and earlier files is started again at that path."""
+    path = tmp_path / "gone.ctraj"
+    w = trajstore.create(path, SMALL_LAYERS, 11, waypoints=(4,))
+    shutil.rmtree(path)
+    with pytest.raises(trajstore.FormatError, match="removed while this writer was writing"):
+        w.write_expert(random_walk())
+    assert not path.exists()

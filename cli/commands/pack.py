@@ -20,8 +20,8 @@ def pack_command(src, out, arch, kind, force, quiet, storage_options):
     """Pack every trajectory of the legacy buffer SRC, losslessly, into the archive OUT.
 
     Either may be a URL (s3://bucket/buffers/CIFAR10/ConvNet, s3://bucket/full.zarr, ...): a buffer at
-    a URL is downloaded to a temporary directory first; at a URL, --force deletes the old archive
-    before the new one is written (an object store has no rename)."""
+    a URL is downloaded to a temporary directory first. With --force the old archive stays whole and
+    readable until the new one is complete (at a URL the new root, written last, switches readers)."""
     from trajstore.archive import pack
 
     click.echo(str(pack(src, out, overwrite=force, progress=not quiet, architecture=arch, kind=kind,

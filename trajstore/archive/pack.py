@@ -12,6 +12,7 @@ import torch
 from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
+from ..stores.base import ROOT_KEY
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store, where
 from ..stores.overlap import check_separate, check_targets_separate
@@ -19,8 +20,8 @@ from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
-from .store import (ATTRIBUTE, BITS, FORMAT, SIGNED, VERSION, ArchiveBuffer, array_name, open_archive, seal_root,
-                    trajectory_sha256)
+from .store import (BITS, FORMAT, PARAMS, SIGNED, VERSION, ArchiveBuffer, fresh_params_group, open_archive,
+                    sealed_root, trajectory_sha256)
 from ..tools.reports import WriteReport
 from ..tools.threads import single_threaded
 
@@ -58,10 +59,13 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
          architecture=None, kind: str | None = None, storage_options: dict | None = None) -> PackReport:
     """Losslessly pack every trajectory of the legacy buffer `src` into a new archive at `out`.
 
-    Either may be a URL (s3://bucket/full.zarr; `storage_options` go to its filesystem). A local archive
-    is built beside `out` and renamed into place. At a URL it is written in place (an object store has
-    no rename; `overwrite` deletes the old archive first) and opens as an archive only once its root is
-    sealed, the last write.
+    Either may be a URL (s3://bucket/full.zarr; `storage_options` go to its filesystem). The archive's
+    root zarr.json is written last, after every array has been written and read back: a local archive
+    is built beside `out` and swapped into place in one rename; at a URL (an object store has no
+    rename) the arrays go to their keys and the root, one PUT, makes them an archive. Replacing one at
+    a URL (`overwrite`) writes the new arrays under a fresh group beside the old archive's keys, so the
+    old archive opens, whole, until the new root's PUT switches readers; then the old keys are deleted.
+    An interrupted pack never leaves `out` without the old archive (docs/format.md, "Archive").
     """
     import zarr
 
@@ -82,22 +86,22 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                           ".ctraj instead (packing keeps full trajectories)", source_at.url)
     if not source_at.remote and not target.remote:
         check_separate(source.files, target.path)
-    if target.remote:
-        if present:
-            out_store.delete("")  # the root first: from then on nothing here opens
-        build = out_store
-    else:
+    group = PARAMS
+    if not target.remote:
         target.path.parent.mkdir(parents=True, exist_ok=True)
         build = DirectoryStore(atomic.temp_sibling(target.path, "build"))
+    elif present:  # among the old archive's keys: a group it does not use; the root is held until the switch
+        build, group = out_store.begin_build(), fresh_params_group()
+    else:
+        build = out_store
     try:
-        store = build.zarr_store(read_only=False)
-        root = zarr.open_group(store=store, mode="w", zarr_format=3)
-        root.create_group("params")
+        store = build.zarr_store(read_only=False, prefix=group)
+        zarr.open_group(store=store, mode="w-", zarr_format=3)  # <group>/zarr.json
         arrays = []
         shape = (source.num_experts, source.num_timesteps)
         for index, layer in enumerate(source.layers):
             arrays.append(zarr.create_array(
-                store, name=array_name(index), shape=(*shape, layer.numel), dtype=BITS[layer.torch_dtype.itemsize],
+                store, name=f"{index:03d}", shape=(*shape, layer.numel), dtype=BITS[layer.torch_dtype.itemsize],
                 chunks=(1, min(STRIDE, source.num_timesteps), max(layer.numel, 1)), fill_value=0,
                 attributes={"layer": layer.to_json()}, config={"write_empty_chunks": True}, **_codecs(layer)))
         experts = []
@@ -107,7 +111,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                     arr[i] = _bits([step[index] for step in steps])
                 experts.append({**source.source_of(i), "sha256": trajectory_sha256(steps)})
                 bar.update()
-        root.attrs[ATTRIBUTE] = {
+        meta = {
             "format": FORMAT, "version": VERSION, "num_experts": source.num_experts,
             "num_timesteps": source.num_timesteps, "stride": min(STRIDE, source.num_timesteps),
             "layers": [layer.to_json() for layer in source.layers], "architecture": source.architecture,
@@ -116,15 +120,21 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                        "files": [{**f, "trajectories": n} for f, n in zip(source.source_files(), source.file_counts)]},
             "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "tool": f"trajstore {__version__}"},
+            **({"params_group": group} if group != PARAMS else {}),
         }
-        seal_root(build, len(source.layers))
+        root = sealed_root(build, meta)
+        build.write_bytes(ROOT_KEY, root)  # a build at a URL replacing an archive holds it until the switch
         packed = open_archive(build)  # what was written must read back before it replaces anything
-        written = packed.nbytes  # (a local build is renamed next)
+        written = len(root) + sum(build.size(key) for key in build.files(group))
         if not target.remote:
             atomic.publish_dir(build.root, target.path, overwrite=overwrite)
+        elif build is not out_store:
+            build.written.update(build.files(group))  # kept by the switch, which deletes every other key
     except BaseException:
-        build.delete("")
+        build.delete(group if build is not out_store and target.remote else "")
         raise
+    if target.remote and build is not out_store:
+        out_store.finish_build(build)  # the root's PUT switches readers; a failure after it keeps the new archive
     return PackReport(out=target.path if target.path is not None else target.url, experts=packed.num_experts,
                       num_timesteps=packed.num_timesteps, bytes_written=written, source_bytes=source.nbytes)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,25 @@ FORMAT = "ctraj-archive"
 VERSION = 2  # 2: the root records its own sha256 and each array's zarr.json sha256
 ATTRIBUTE = "trajstore_archive"
 PARAMS = "params"
+# The group of the layer arrays: "params", or "params.<16 hex digits>" where a replace at a URL (no
+# rename) wrote the new arrays beside the old ones and switched with the root (docs/format.md).
+PARAMS_GROUP = re.compile(r"params(\.[0-9a-f]{16})?")
 BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def array_name(index: int) -> str:
-    return f"{PARAMS}/{index:03d}"
+def array_name(index: int, group: str = PARAMS) -> str:
+    return f"{group}/{index:03d}"
+
+
+def fresh_params_group() -> str:
+    """A new group name for the arrays of an archive that replaces another among its keys."""
+    return f"{PARAMS}.{uuid.uuid4().hex[:16]}"
+
+
+def params_group(meta: dict) -> str:
+    """The group the root's archive attribute names for the layer arrays (absent: "params")."""
+    return meta.get("params_group") or PARAMS
 
 
 def archive_store(target, storage_options: dict | None = None) -> Store:
@@ -63,6 +78,7 @@ def _meta_problem(meta: dict) -> str | None:
         "num_timesteps": lambda v: is_int(v) and v >= 2,
         "stride": lambda v: is_int(v) and v >= 1,
         "source": lambda v: isinstance(v, dict),
+        "params_group": lambda v: v is None or (isinstance(v, str) and PARAMS_GROUP.fullmatch(v) is not None),
         "experts": lambda v: isinstance(v, list) and all(
             isinstance(e, dict) and isinstance(e.get("sha256"), str) and SHA256_HEX.fullmatch(e["sha256"])
             for e in v),
@@ -84,17 +100,18 @@ def _check_sealed(store: Store, meta: dict, num_layers: int) -> None:
                           where)
     checksums.check_sealed(store.read_bytes(ROOT_KEY), digest, where)
     for index, recorded in enumerate(arrays):
-        key = f"{array_name(index)}/{ROOT_KEY}"
+        key = f"{array_name(index, params_group(meta))}/{ROOT_KEY}"
         checksums.check(store.read_bytes(key), recorded, store.describe(key))  # a missing one: FormatError
 
 
-def seal_root(store: Store, num_layers: int) -> None:
-    """Record each array's zarr.json sha256 and the root's own sha256 in the root zarr.json (pack)."""
-    doc = json.loads(store.read_bytes(ROOT_KEY))
-    meta = doc["attributes"][ATTRIBUTE]
-    meta["arrays"] = [checksums.sha256(store.read_bytes(f"{array_name(i)}/{ROOT_KEY}")) for i in range(num_layers)]
-    meta["sha256"] = checksums.PLACEHOLDER
-    store.write_bytes(ROOT_KEY, checksums.seal(json.dumps(doc, indent=2).encode(), store.describe(ROOT_KEY)))
+def sealed_root(store: Store, meta: dict) -> bytes:
+    """The root zarr.json of an archive whose arrays `store` holds: a zarr group document with the
+    archive attribute `meta`, recording each array's zarr.json sha256 and the root's own sha256 (pack)."""
+    group = params_group(meta)
+    meta = {**meta, "arrays": [checksums.sha256(store.read_bytes(f"{array_name(i, group)}/{ROOT_KEY}"))
+                               for i in range(len(meta["layers"]))], "sha256": checksums.PLACEHOLDER}
+    doc = {"attributes": {ATTRIBUTE: meta}, "zarr_format": 3, "node_type": "group"}
+    return checksums.seal(json.dumps(doc, indent=2).encode(), store.describe(ROOT_KEY))
 
 
 def is_archive(path, storage_options: dict | None = None) -> bool:
@@ -138,6 +155,7 @@ class ArchiveBuffer(LegacyBuffer):
         layers = tuple(Layer.from_json(x, root_json) for x in meta["layers"])
         if meta["version"] >= 2:
             _check_sealed(store, meta, len(layers))
+        group = params_group(meta)
         self._experts = list(meta["experts"])
         num_timesteps = meta["num_timesteps"]
         self.stride = meta["stride"]
@@ -148,17 +166,18 @@ class ArchiveBuffer(LegacyBuffer):
         self.training = dict(meta.get("training") or {})
         self._files = store
         self._store = store.zarr_store(read_only=True)
+        self._group = group
         self._arrays = []
         for index, layer in enumerate(layers):
-            where = store.describe(array_name(index))
+            where = store.describe(array_name(index, group))
             try:
                 # zarr_format=3: no probing for version-2 metadata (requests, over a network)
-                arr = zarr.open_array(store=self._store, path=array_name(index), mode="r", zarr_format=3)
+                arr = zarr.open_array(store=self._store, path=array_name(index, group), mode="r", zarr_format=3)
             except Exception as exc:  # zarr reports missing or corrupt metadata with many types
                 raise FormatError(f"cannot open the array of layer {layer.name!r} ({type(exc).__name__}: {exc})",
                                   where) from None
             if arr.attrs.get("layer") != layer.to_json():  # the root's table and the array must agree
-                raise FormatError(f"array {array_name(index)} holds layer {short_repr(arr.attrs.get('layer'))}, "
+                raise FormatError(f"array {array_name(index, group)} holds layer {short_repr(arr.attrs.get('layer'))}, "
                                   f"the root's layer table {layer.to_json()}", where)
             want = (len(self._experts), num_timesteps, layer.numel)
             if arr.shape != want or arr.dtype != np.dtype(BITS[layer.torch_dtype.itemsize]):
@@ -195,7 +214,7 @@ class ArchiveBuffer(LegacyBuffer):
             return self._arrays[index][selection]
         except Exception as exc:  # a corrupt chunk fails its CRC32C or zstd with assorted types
             raise ChecksumError(f"cannot decode layer {self.layers[index].name!r} ({type(exc).__name__}: {exc}); "
-                                "the archive is corrupt", self._files.describe(array_name(index))) from None
+                                "the archive is corrupt", self._files.describe(array_name(index, self._group))) from None
 
     def _tensor(self, bits: np.ndarray, layer: Layer) -> torch.Tensor:
         signed = bits.view(bits.dtype.str.replace("u", "i"))

@@ -175,6 +175,7 @@ class Writer:
         self._taken: set[int] = set()
         self._closed = False
         self._replacing = False
+        self._created = False  # this writer wrote the root metadata: the store is its own to remove
         target = open_store(self._target, mode="w")
         target._writable()
         exists = self._target.exists()  # asked once: another writer may create it meanwhile (then joined below)
@@ -232,6 +233,8 @@ class Writer:
             store.create_bytes(ROOT_META, self.meta.encode())
         except ExistsError:
             self._join_existing()
+        else:
+            self._created = True
 
     def _join_existing(self) -> None:
         store = self._store
@@ -350,13 +353,26 @@ class Writer:
                 return
 
     def abort(self) -> None:
-        """Give up: a new or replacing output is removed; an appended-to store keeps its finished experts."""
+        """Give up: a replacing output is removed, and a new one if no other writer has written to it;
+        an appended-to store keeps its finished experts."""
         self._closed = True
         if self.single_file:
             self._store.delete("")
         elif self._replacing:
             self._target_store.abandon_build(self._store)
-        elif not self.meta.complete and not self.existing_experts():
+        elif self._created and not self.meta.complete:
+            self._remove_if_alone()
+
+    def _remove_if_alone(self) -> None:
+        """Remove the store this writer created, unless it holds a file this writer did not write.
+
+        Other writers may have joined it (append=True): their experts, half-written experts, temporary
+        files and claims live in it, and a store removed under them lost files they were writing (an
+        expert published without some of its files). A writer that joined but has written nothing yet
+        cannot be seen; if the store goes meanwhile, its next write fails (docs/format.md §8).
+        """
+        own = {ROOT_META, f"{self.meta.experts_group}/{ROOT_META}"}
+        if set(self._store.files("")) <= own:
             self._store.delete("")
 
     def __enter__(self):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -38,11 +42,44 @@ def publish_file(tmp: Path, path: Path, *, overwrite: bool) -> None:
     tmp.unlink()
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE): each name holds the
+    other's tree at every instant. False where the system or the file system cannot (nothing changed)."""
+    renameat2 = getattr(_libc(), "renameat2", None) if sys.platform.startswith("linux") else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def publish_dir(tmp: Path, path: Path, *, overwrite: bool) -> None:
-    """Move a finished directory into place; with overwrite, the old tree is removed only afterwards."""
+    """Move a finished directory into place; with overwrite, the old tree is removed only afterwards.
+
+    A replace swaps the two in one step where the system can (Linux), so `path` holds the old tree or
+    the new one at every instant, also if the process dies; elsewhere the old tree is renamed aside
+    first, and a crash between the two renames leaves it under its hidden `.<name>.old-*` sibling.
+    """
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise ExistsError("already exists (pass overwrite=True / --force to replace it)", path)
+        if exchange(tmp, path):
+            remove(tmp)  # now the old tree
+            return
         old = temp_sibling(path, "old")
         os.rename(path, old)
         os.rename(tmp, path)

@@ -131,5 +131,6 @@ class Store(ABC):
         """Give up a build: remove what was built; the old tree is untouched."""
 
     @abstractmethod
-    def zarr_store(self, read_only: bool = True):
-        """The same location as a zarr-python store, for arrays too large to read whole (the archive)."""
+    def zarr_store(self, read_only: bool = True, prefix: str = ""):
+        """The same location (or the group at `prefix` in it, as the zarr store's root) as a zarr-python
+        store, for arrays too large to read whole (the archive)."""

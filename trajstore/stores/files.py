@@ -72,8 +72,12 @@ class DirectoryStore(Store):
             return []
 
     def files(self, prefix: str) -> list[str]:
-        return sorted(str(p.relative_to(self.root)).replace(os.sep, "/")
-                      for p in self._path(prefix).rglob("*") if p.is_file())
+        found = []
+        # os.walk skips a directory that vanishes while it lists (another writer's expert renamed
+        # into place), where Path.rglob raises
+        for folder, _, names in os.walk(self._path(prefix)):
+            found.extend(p for p in (Path(folder, name) for name in names) if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in found)
 
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
@@ -93,15 +97,28 @@ class DirectoryStore(Store):
             return False
         return True
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def _parents(self, key: str) -> Path:
+        """The path of key, with the directories between the root and it created; never the root
+        itself: a store removed while a writer writes to it is an error, not quietly started again
+        without its metadata and the files written before."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(path, data)
+        folder = self.root
+        for part in Path(key).parent.parts:
+            folder = folder / part
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                raise FormatError("the store was removed while this writer was writing to it (did another "
+                                  "process delete it?)", self.root) from None
+        return path
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        atomic.write_bytes(self._parents(key), data)
 
     def create_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(path, data, overwrite=False)
+        atomic.write_bytes(self._parents(key), data, overwrite=False)
 
     def delete(self, prefix: str) -> None:
         atomic.remove(self._path(prefix))
@@ -132,10 +149,10 @@ class DirectoryStore(Store):
     def abandon_build(self, built: Store) -> None:
         built.delete("")
 
-    def zarr_store(self, read_only: bool = True):
+    def zarr_store(self, read_only: bool = True, prefix: str = ""):
         from zarr.storage import LocalStore
 
-        return LocalStore(self.root, read_only=read_only)
+        return LocalStore(self._path(prefix), read_only=read_only)
 
 
 class ZipFileStore(Store):
@@ -237,8 +254,8 @@ class ZipFileStore(Store):
     write_bytes = create_bytes = delete = stage = publish = discard = _read_only
     begin_build = finish_build = abandon_build = _read_only
 
-    def zarr_store(self, read_only: bool = True):
-        if self._fs is not None or not read_only:
+    def zarr_store(self, read_only: bool = True, prefix: str = ""):
+        if self._fs is not None or not read_only or prefix:
             self._read_only()
         from zarr.storage import ZipStore
 

@@ -156,7 +156,7 @@ class FsspecStore(Store):
             except Exception as exc:
                 raise TrajstoreError(f"cannot delete ({type(exc).__name__}: {exc})", self.describe(key)) from None
 
-    def zarr_store(self, read_only: bool = True):
+    def zarr_store(self, read_only: bool = True, prefix: str = ""):
         from zarr.storage import FsspecStore as ZarrFsspecStore
 
         from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
@@ -165,7 +165,7 @@ class FsspecStore(Store):
         # wrapped, serves it: a fresh async instance of an async backend (s3fs) would open an HTTP
         # session on zarr's loop that nothing closes ("Unclosed client session" at exit).
         return ZarrFsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), read_only=read_only,
-                               path=self.root)
+                               path=self._path(prefix))
 
     # -- replacing a store: new keys, the root last (docs/format.md §8) ---------------------------
 
