@@ -22,8 +22,8 @@ the data set-up, all on one thread, and which operations its step spends the tim
 network-step (forward and backward, no DSA) on one thread (--threads N: on N), the variants taking turns, of one network, K
 networks as one wide network (`_Wide`: their channels side by side, grouped convolutions, per-network
 classifiers as one batched matmul; checked against the K networks before timing) and both in channels_last;
-and the roofline: what oneDNN's forward and backward convolution of the network's largest layer reach
-on one core, the peak any layout of the same FLOPs can approach.
+and the roofline: the network's convolutions alone (`conv_forward`, `conv_backward`: oneDNN at the
+step's shapes, on one core), the least time any layout of the same FLOPs can approach.
 """
 
 from __future__ import annotations
@@ -185,16 +185,29 @@ def layouts(model: str, ipc: int, k: int, rounds: int, threads: int = 1) -> dict
     with FlopCounterMode(display=False) as counter:
         steps["one"][0]()
     flops = counter.get_total_flops()
-    # the roofline: the largest layer's convolution (most of the FLOPs) alone, forward and backward
-    conv = next(m for m in nets[0].features if isinstance(m, torch.nn.Conv2d) and m.in_channels == m.out_channels)
-    size = ds.im_size[0] // 2
-    cx = torch.randn(b, conv.in_channels, size, size, requires_grad=True)
-    cw = conv.weight.detach().clone().requires_grad_(True)
-    conv_flops = 2 * b * conv.out_channels * conv.in_channels * 9 * size * size
-    y = F.conv2d(cx, cw, padding=1)
-    grad = torch.ones_like(y)
-    steps["conv_forward"] = (lambda: F.conv2d(cx.detach(), cw.detach(), padding=1), 1)
-    steps["conv_backward"] = (lambda: torch.autograd.grad(F.conv2d(cx, cw, padding=1), (cx, cw), grad), 1)
+    # the roofline: the network's convolutions alone at their shapes in the step, forward and backward (as
+    # training asks: no input gradient for the first, whose input is the images)
+    convs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: convs.append((m, i[0].detach(), torch.randn_like(o))))
+             for m in nets[0].features if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        nets[0](xs[0])
+    for h in hooks:
+        h.remove()
+    conv_flops = sum(2 * g.numel() * m.weight[0].numel() for m, _, g in convs)  # 2 x outputs x (Cin k k)
+
+    def conv_forward():
+        for m, x, _ in convs:
+            F.conv2d(x, m.weight.detach(), m.bias.detach(), m.stride, m.padding)
+
+    def conv_backward():
+        for i, (m, x, g) in enumerate(convs):
+            torch.ops.aten.convolution_backward(g, x, m.weight.detach(), [m.out_channels], m.stride, m.padding,
+                                                m.dilation, False, [0, 0], 1, [i > 0, True, True])
+
+    conv_backward_flops = 2 * conv_flops - 2 * convs[0][2].numel() * convs[0][0].weight[0].numel()
+    steps["conv_forward"] = (conv_forward, 1)
+    steps["conv_backward"] = (conv_backward, 1)
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     wall: dict[str, list[float]] = {name: [] for name in steps}
     before = torch.get_num_threads()
@@ -213,8 +226,9 @@ def layouts(model: str, ipc: int, k: int, rounds: int, threads: int = 1) -> dict
     finally:
         torch.set_num_threads(before)
     med = {name: statistics.median(t) for name, t in cpu.items()}
-    work = {name: flops for name in steps} | {"conv_forward": conv_flops, "conv_backward": 2 * conv_flops}
+    work = {name: flops for name in steps} | {"conv_forward": conv_flops, "conv_backward": conv_backward_flops}
     return {"batch": b, "networks": k, "threads": threads, "step_flops": flops,
+            "conv_flops": {"forward": conv_flops, "backward": conv_backward_flops},
             "cpu_ms_per_network_step": {n: 1e3 * t for n, t in med.items()},
             "wall_ms_per_network_step": {n: 1e3 * statistics.median(t) for n, t in wall.items()},
             "all_cpu_ms": {n: [1e3 * t for t in v] for n, v in cpu.items()},
