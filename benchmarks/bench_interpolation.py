@@ -4,7 +4,9 @@
     git show REV:trajstore/format/reader.py > /tmp/reader_before.py     # then, to time that reader too:
     python -m benchmarks.bench_interpolation --before /tmp/reader_before.py
 
-The operations take turns within every round (interleaved), so the ratios are fair on a shared machine.
+The operations take turns within every round (interleaved), so the ratios are fair on a shared machine. Each
+form of `at` is timed after a whole-vector pass over other vectors, and ("_warm") right after another `at`,
+which finds the interpreter's path through it warm and costs markedly less (see `measure`).
 A point reads two anchors and writes one vector: 1.5x the bytes of the copy. The floors timed beside it,
 over the whole vector with no per-layer work: one torch.lerp (a fused multiply-add, one rounding: not the
 spec's arithmetic), the spec's lerp as three torch kernels (sub, mul, add), and the two numpy passes that
@@ -54,51 +56,68 @@ def reader_from(path: str):
 
 def measure(store, device: str, repeat: int, before=None) -> dict:
     rng = random.Random(0)
-    # the two forms of `at` read two experts, so that neither finds its anchors warm from the other
-    fresh, into = store.expert(0), store.expert(1)
-    for expert in (fresh, into):
+    # each form of `at` reads an expert of its own, so that none finds its anchors warm from another:
+    # a new vector and into `out`, each once after a whole-vector pass and once right after another `at`
+    fresh, into, fresh_warm, into_warm = experts = [store.expert(i) for i in range(4)]
+    for expert in experts:
         expert.at(1.5, flat=True, device=device)  # first touch: anchors read, copied, y - x cached
     last, num_params = fresh.num_timesteps - 1, store.num_params
-    buf = torch.empty(num_params, device=device)
+    buf, buf_warm = torch.empty(num_params, device=device), torch.empty(num_params, device=device)
 
     def vectors(n):  # each operation its own vectors, so none finds its inputs warm from the one before
         return [torch.randn(num_params, device=device) for _ in range(n)]
 
     (src, dst, cx), (lx, ly, lo), (sx, sy, so), (nx, ny, no) = vectors(3), vectors(3), vectors(3), vectors(3)
     nd = ny - nx
-    timed = {}
+    ops = {}
     if before is not None:  # the other reader, on experts of its own
-        old_fresh, old_into = before.expert(2), before.expert(3)
+        old_fresh, old_into = before.expert(4), before.expert(5)
         old_buf = torch.empty(num_params, device=device)
         for expert in (old_fresh, old_into):
             expert.at(1.5, flat=True, device=device)
-        timed = {"before_at_flat": lambda: old_fresh.at(rng.uniform(0, last), flat=True, device=device),
-                 "before_at_flat_into_out": lambda: old_into.at(rng.uniform(0, last), flat=True, device=device,
-                                                                out=old_buf)}
-    t = timeit_interleaved(timed | {
+        ops = {"before_at_flat": lambda: old_fresh.at(rng.uniform(0, last), flat=True, device=device),
+               "before_at_flat_into_out": lambda: old_into.at(rng.uniform(0, last), flat=True, device=device,
+                                                              out=old_buf)}
+    factor = np.array(0.3, dtype=np.float32)  # a 0-d factor, as at() passes its layers' factors
+    ops |= {
         "at_flat": lambda: fresh.at(rng.uniform(0, last), flat=True, device=device),
         "at_flat_into_out": lambda: into.at(rng.uniform(0, last), flat=True, device=device, out=buf),
+        "at_flat_warm": lambda: fresh_warm.at(rng.uniform(0, last), flat=True, device=device),
+        "at_flat_into_out_warm": lambda: into_warm.at(rng.uniform(0, last), flat=True, device=device, out=buf_warm),
         "lerp_one_call": lambda: torch.lerp(lx, ly, 0.3, out=lo),
         # the spec's lerp over the whole vector: three kernels (sub, mul, add), no per-layer work
         "spec_lerp_one_call": lambda: torch.sub(sy, sx, out=so).mul_(0.3).add_(sx),
         # what at() does on the CPU over a cached difference nd = y - x: a multiply, then an add
         "spec_lerp_two_passes": lambda: torch.mul(nd, 0.3, out=no).add_(nx) if device.startswith("cuda")
-        else np.add(np.multiply(nd.numpy(), np.float32(0.3), no.numpy()), nx.numpy(), no.numpy()),
+        else np.add(np.multiply(nd.numpy(), factor, no.numpy()), nx.numpy(), no.numpy()),
         "copy_same_bytes": lambda: dst.copy_(src),
-        # a copy into a new vector, as at() without out= returns one: the allocation's page faults included
+        # a copy into a new vector, as at() without out= returns one
         "clone_same_bytes": lambda: cx.clone(),
-    }, repeat=repeat, sync=device.startswith("cuda"), rotate=True)
+    }
+    # The order of a round (rotated round by round, so each keeps its neighbours). A call of `at` right after
+    # another finds the interpreter's path through it (code, objects, branch history) warm, and measured
+    # 0.4-0.9x a copy cheaper than after a torch or numpy pass over other vectors (RESULTS §4); so each
+    # form is timed in both places: after a whole-vector pass (what a training step leaves behind), and
+    # "_warm" right after another `at` (the second point of window(), a matching iteration's start and target).
+    order = ["before_at_flat", "lerp_one_call", "at_flat", "at_flat_warm", "spec_lerp_one_call",
+             "before_at_flat_into_out", "spec_lerp_two_passes", "at_flat_into_out", "at_flat_into_out_warm",
+             "copy_same_bytes", "clone_same_bytes"]
+    t = timeit_interleaved({name: ops[name] for name in order if name in ops}, repeat=repeat,
+                           sync=device.startswith("cuda"), rotate=True)
     c = 0.37 * last
-    identical = all(torch.equal(e.at(c, flat=True, device=device).cpu(), spec_point(e, c)) for e in (fresh, into))
+    identical = all(torch.equal(e.at(c, flat=True, device=device).cpu(), spec_point(e, c)) for e in experts)
     copy = t["copy_same_bytes"]["median_s"]
     ratios = {f"ratio_{name}_over_copy": t[key]["median_s"] / copy for name, key in (
-        ("at", "at_flat"), ("at_out", "at_flat_into_out"), ("lerp_one_call", "lerp_one_call"),
-        ("spec_lerp_one_call", "spec_lerp_one_call"), ("spec_lerp_two_passes", "spec_lerp_two_passes"))}
+        ("at", "at_flat"), ("at_out", "at_flat_into_out"), ("at_warm", "at_flat_warm"),
+        ("at_out_warm", "at_flat_into_out_warm"), ("lerp_one_call", "lerp_one_call"),
+        ("spec_lerp_one_call", "spec_lerp_one_call"), ("spec_lerp_two_passes", "spec_lerp_two_passes"),
+        ("clone", "clone_same_bytes"))}
     ratios["ratio_at_over_clone"] = t["at_flat"]["median_s"] / t["clone_same_bytes"]["median_s"]
-    for name in timed:
-        ratios[f"ratio_{name}_over_copy"] = t[name]["median_s"] / copy
+    for name in ("before_at_flat", "before_at_flat_into_out"):
+        if name in t:
+            ratios[f"ratio_{name}_over_copy"] = t[name]["median_s"] / copy
     return {**t, **ratios, "bit_identical_to_spec_lerp": identical, "bytes": num_params * 4,
-            "bytes_cached_per_piece": store._cached // 2}  # two anchors and their difference, per expert
+            "bytes_cached_per_piece": store._cached // len(experts)}  # two anchors and their difference
 
 
 def main(argv=None):
@@ -117,7 +136,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     layers = convnet_layers(width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
-        _, path = write_pair(Path(tmp), layers, experts=4 if args.before else 2, num_timesteps=args.timesteps,
+        _, path = write_pair(Path(tmp), layers, experts=6 if args.before else 4, num_timesteps=args.timesteps,
                              waypoints=())
         r = trajstore.open(path)
         before = reader_from(args.before).open(path) if args.before else None

@@ -143,6 +143,39 @@ def test_flat_vectors_across_big_and_small_layers_are_the_spec_lerp(tmp_path, dt
     assert any(len(set(s)) == 2 for s in sides)  # some c had layers on both sides of w = 0.5
 
 
+def test_flat_vectors_read_by_threads_at_once_are_the_spec_lerp(tmp_path):
+    """Expert.at(flat=True) on the CPU from four threads on one store: each point is still §7's. The factors
+    go through a buffer per thread, and numpy lets go of the GIL inside each large multiply, where another
+    thread refilling a shared buffer would change the factors of the layers still to come."""
+    import threading
+
+    import trajstore
+    from helpers import write_store
+
+    layers = [(n, s, TORCH["F32"]) for n, s in MIXED_LAYERS]
+    path = write_store(tmp_path / "m.ctraj", [mixed_trajectory("F32")], layers=layers, waypoints=(4,))
+    spec, cs = SpecStore(path), [float(c) for c in np.random.default_rng(2).uniform(0, 8, 16)]
+    want = {c: np.concatenate([to_bits(x, "F32").reshape(-1) for x in spec.theta(0, c)]).tobytes() for c in cs}
+    e, got, failed = trajstore.open(path).expert(0), {}, []
+
+    def read(k):
+        out = torch.empty(e._s.num_params)
+        try:
+            for _ in range(40):
+                for c in cs[k::4]:  # half the threads into their own `out`, half into new vectors
+                    point = e.at(c, flat=True, out=out) if k % 2 else e.at(c, flat=True)
+                    got.setdefault(c, set()).add(torch_bits(point, "F32").tobytes())
+        except Exception as exc:  # noqa: BLE001 (reported below, with the thread's failure)
+            failed.append(exc)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed and got == {c: {want[c]} for c in cs}
+
+
 # -- the reference's arithmetic, checked against exact rational arithmetic -------------------------
 
 PRECISION = {"F64": (53, -1021), "F32": (24, -125), "F16": (11, -13), "BF16": (8, -125)}
