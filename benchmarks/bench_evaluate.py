@@ -19,8 +19,8 @@ its CPU time on one thread (hence GFLOP/s: compute- or dispatch-bound), DSA's sh
 the data set-up, all on one thread, and which operations its step spends the time in (torch.profiler).
 
 `layouts` (--layouts) asks whether K networks could run more efficiently per FLOP than one: CPU time per
-network-step (forward and backward, no DSA) on one thread (--threads N: on N), the variants taking turns, of one network, K
-networks as one wide network (`_Wide`: their channels side by side, grouped convolutions, per-network
+network-step (forward and backward, no DSA) on one thread (--threads N: on N), the variants taking turns,
+of one network, K networks as one wide network (`_Wide`: their channels side by side, grouped convolutions, per-network
 classifiers as one batched matmul; checked against the K networks before timing) and both in channels_last;
 and the roofline: the network's convolutions alone (`conv_forward`, `conv_backward`: oneDNN at the
 step's shapes, on one core), the least time any layout of the same FLOPs can approach.
@@ -147,8 +147,8 @@ class _Wide(torch.nn.Module):
 
 
 def layouts(model: str, ipc: int, k: int, rounds: int, threads: int = 1) -> dict:
-    """CPU ms per network-step (and GFLOP per CPU second) on `threads` intra-op threads: one network, K as one wide network,
-    each in channels_last; the convolution roofline; profile shares. See the module's doc."""
+    """CPU ms per network-step (and GFLOP per CPU second) on `threads` intra-op threads: one network, K as
+    one wide network, each in channels_last; the convolution roofline; profile shares. See the module's doc."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -175,7 +175,8 @@ def layouts(model: str, ipc: int, k: int, rounds: int, threads: int = 1) -> dict
     def wide_step(net, x):
         def step():
             out = net(x)
-            F.cross_entropy(out.flatten(0, 1), ys.t().flatten(), reduction="none").view(b, k).mean(0).sum().backward()
+            losses = F.cross_entropy(out.flatten(0, 1), ys.t().flatten(), reduction="none").view(b, k)
+            losses.mean(0).sum().backward()  # each network's gradient is its own mean loss's
         return step
 
     steps = {"one": (one_step(nets[0], xs[0]), 1),
@@ -194,7 +195,7 @@ def layouts(model: str, ipc: int, k: int, rounds: int, threads: int = 1) -> dict
         nets[0](xs[0])
     for h in hooks:
         h.remove()
-    conv_flops = sum(2 * g.numel() * m.weight[0].numel() for m, _, g in convs)  # 2 x outputs x (Cin k k)
+    conv_flops = sum(2 * o.numel() * m.weight[0].numel() for m, _, o in convs)  # 2 x outputs x (Cin k k)
 
     def conv_forward():
         for m, x, _ in convs:

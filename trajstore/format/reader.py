@@ -110,7 +110,7 @@ class _FlatLerp:
 
     What does not depend on c is made once here: the parts, and per thread and dtype a buffer of the
     layers' factors with a 0-d view of each large layer's (a 0-d array operand costs numpy half what a
-    scalar does: no scalar conversion per call), so that a call fills 14 numbers and runs the passes.
+    scalar does: no scalar conversion per call), so that a call fills one number per layer and runs the passes.
     """
 
     BIG = 4096  # values from which a layer gets its own multiply
