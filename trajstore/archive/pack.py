@@ -86,11 +86,11 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
                           ".ctraj instead (packing keeps full trajectories)", source_at.url)
     if not source_at.remote and not target.remote:
         check_separate(source.files, target.path)
-    group = PARAMS
+    group, replacing = PARAMS, target.remote and present
     if not target.remote:
         target.path.parent.mkdir(parents=True, exist_ok=True)
         build = DirectoryStore(atomic.temp_sibling(target.path, "build"))
-    elif present:  # among the old archive's keys: a group it does not use; the root is held until the switch
+    elif replacing:  # among the old archive's keys: a group it does not use; the root is held until the switch
         build, group = out_store.begin_build(), fresh_params_group()
     else:
         build = out_store
@@ -128,12 +128,12 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
         written = len(root) + sum(build.size(key) for key in build.files(group))
         if not target.remote:
             atomic.publish_dir(build.root, target.path, overwrite=overwrite)
-        elif build is not out_store:
+        elif replacing:
             build.written.update(build.files(group))  # kept by the switch, which deletes every other key
     except BaseException:
-        build.delete(group if build is not out_store and target.remote else "")
+        build.delete(group if replacing else "")
         raise
-    if target.remote and build is not out_store:
+    if replacing:
         out_store.finish_build(build)  # the root's PUT switches readers; a failure after it keeps the new archive
     return PackReport(out=target.path if target.path is not None else target.url, experts=packed.num_experts,
                       num_timesteps=packed.num_timesteps, bytes_written=written, source_bytes=source.nbytes)
