@@ -225,7 +225,8 @@ def _failure_message(first: int, codes: list[int | None], failures: list[tuple[i
                      nproc: int) -> str:
     """One line on what went wrong. When one process fails, the others fail too (their collectives
     lose a peer) or are stopped; the cause is bad input (a TrajstoreError) if any process reported
-    one, else a process that died without reporting (killed, os._exit), else the first report."""
+    one, else a process that died without reporting (killed, os._exit; one aborted by gloo only if no
+    other died), else the first report."""
     reported = {rank for rank, _, _ in failures}
     stopped = (None, 0, 1, -signal.SIGTERM, -signal.SIGKILL)  # 1: a worker that reported; signals: ours
     died = [r for r, code in enumerate(codes) if r not in reported and (code not in stopped or r == first)]
@@ -233,7 +234,10 @@ def _failure_message(first: int, codes: list[int | None], failures: list[tuple[i
         if input_error:
             return f"process {rank} of {nproc} failed: {message}"
     if died:
-        rank = first if first in died else died[0]
+        # a peer's death makes gloo abort the processes waiting on it (SIGABRT), and the one join() noticed
+        # first may be such a bystander: a death of another kind, where there is one, is the cause
+        causes = [r for r in died if codes[r] != -signal.SIGABRT] or died
+        rank = first if first in causes else causes[0]
         code = codes[rank]
         how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else (
             f"exited with code {code}")

@@ -177,6 +177,19 @@ def test_a_dying_process_takes_the_others_down_with_one_message(how, message):
     assert time.monotonic() - began < 120  # no hang until the collective's timeout
 
 
+@pytest.mark.parametrize("first", [0, 1])
+def test_a_peer_aborted_by_gloo_is_not_named_as_the_cause(first):
+    # rank 1 called os._exit(3) in a barrier; gloo then aborted rank 0 (SIGABRT), and join() may notice
+    # either first: the message names rank 1 both ways (seen once in a loaded full run, naming rank 0)
+    message = distributed._failure_message(first, [-6, 3], [], 2)
+    assert message == "process 1 of 2 exited with code 3; the others were stopped"
+
+
+def test_a_lone_abort_is_still_reported():
+    assert distributed._failure_message(0, [-6, -15], [], 2) == \
+        "process 0 of 2 was killed by signal SIGABRT; the others were stopped"
+
+
 def test_more_processes_than_gpus_are_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
