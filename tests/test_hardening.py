@@ -120,6 +120,9 @@ def assert_one_line_error(result, *needles):
     ({"anchor_epochs": [0, "5", 10]}, "anchor_epochs"),
     ({"num_timesteps": "11"}, "num_timesteps"),
     ({"num_timesteps": 11.0}, "num_timesteps"),
+    ({"experts_group": "../experts"}, "experts_group"),  # never a key outside the store's groups
+    ({"experts_group": "experts.0123456789ABCDEF"}, "experts_group"),
+    ({"experts_group": 7}, "experts_group"),
 ])
 def test_root_metadata_of_the_wrong_type_is_refused(store, changes, match):
     edit_root(store, **changes)

@@ -12,7 +12,7 @@ import torch
 from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
-from ..stores.base import ROOT_KEY
+from ..stores.base import ROOT_KEY, fresh_group
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store, where
 from ..stores.overlap import check_separate, check_targets_separate
@@ -20,8 +20,8 @@ from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
 from ..format.layers import Layer
 from ..legacy.mct import MCTPairBuffer
 from .codec import XorDeltaCodec
-from .store import (BITS, FORMAT, PARAMS, SIGNED, VERSION, ArchiveBuffer, fresh_params_group, open_archive,
-                    sealed_root, trajectory_sha256)
+from .store import (BITS, FORMAT, PARAMS, SIGNED, VERSION, ArchiveBuffer, layer_array, open_archive, sealed_root,
+                    trajectory_sha256)
 from ..tools.reports import WriteReport
 from ..tools.threads import single_threaded
 
@@ -91,7 +91,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
         target.path.parent.mkdir(parents=True, exist_ok=True)
         build = DirectoryStore(atomic.temp_sibling(target.path, "build"))
     elif replacing:  # among the old archive's keys: a group it does not use; the root is held until the switch
-        build, group = out_store.begin_build(), fresh_params_group()
+        build, group = out_store.begin_build(), fresh_group(PARAMS)
     else:
         build = out_store
     try:
@@ -101,7 +101,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
         shape = (source.num_experts, source.num_timesteps)
         for index, layer in enumerate(source.layers):
             arrays.append(zarr.create_array(
-                store, name=f"{index:03d}", shape=(*shape, layer.numel), dtype=BITS[layer.torch_dtype.itemsize],
+                store, name=layer_array(index), shape=(*shape, layer.numel), dtype=BITS[layer.torch_dtype.itemsize],
                 chunks=(1, min(STRIDE, source.num_timesteps), max(layer.numel, 1)), fill_value=0,
                 attributes={"layer": layer.to_json()}, config={"write_empty_chunks": True}, **_codecs(layer)))
         experts = []
@@ -125,11 +125,12 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
         root = sealed_root(build, meta)
         build.write_bytes(ROOT_KEY, root)  # a build at a URL replacing an archive holds it until the switch
         packed = open_archive(build)  # what was written must read back before it replaces anything
-        written = len(root) + sum(build.size(key) for key in build.files(group))
+        keys = build.files(group)
+        written = len(root) + sum(build.size(key) for key in keys)
         if not target.remote:
             atomic.publish_dir(build.root, target.path, overwrite=overwrite)
         elif replacing:
-            build.written.update(build.files(group))  # kept by the switch, which deletes every other key
+            build.written.update(keys)  # kept by the switch, which deletes every other key
     except BaseException:
         build.delete(group if replacing else "")
         raise

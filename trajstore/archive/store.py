@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from ..format.arguments import short_repr
 from ..format.layers import Layer
 from ..format.layout import SHA256_HEX, is_int
 from ..legacy.buffer import LegacyBuffer
-from ..stores.base import ROOT_KEY, Store
+from ..stores.base import ROOT_KEY, Store, is_group
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store
 from . import codec  # noqa: F401  (registers the XOR filter with zarr before any array is opened)
@@ -33,24 +31,22 @@ FORMAT = "ctraj-archive"
 VERSION = 2  # 2: the root records its own sha256 and each array's zarr.json sha256
 ATTRIBUTE = "trajstore_archive"
 PARAMS = "params"
-# The group of the layer arrays: "params", or "params.<16 hex digits>" where a replace at a URL (no
-# rename) wrote the new arrays beside the old ones and switched with the root (docs/format.md).
-PARAMS_GROUP = re.compile(r"params(\.[0-9a-f]{16})?")
 BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def layer_array(index: int) -> str:
+    """The name of layer index's array in the params group."""
+    return f"{index:03d}"
+
+
 def array_name(index: int, group: str = PARAMS) -> str:
-    return f"{group}/{index:03d}"
-
-
-def fresh_params_group() -> str:
-    """A new group name for the arrays of an archive that replaces another among its keys."""
-    return f"{PARAMS}.{uuid.uuid4().hex[:16]}"
+    return f"{group}/{layer_array(index)}"
 
 
 def params_group(meta: dict) -> str:
-    """The group the root's archive attribute names for the layer arrays (absent: "params")."""
+    """The group the root's archive attribute names for the layer arrays: "params" (or absent), or
+    where a replace at a URL (no rename) wrote the new arrays beside the old ones, a `fresh_group`."""
     return meta.get("params_group") or PARAMS
 
 
@@ -78,7 +74,7 @@ def _meta_problem(meta: dict) -> str | None:
         "num_timesteps": lambda v: is_int(v) and v >= 2,
         "stride": lambda v: is_int(v) and v >= 1,
         "source": lambda v: isinstance(v, dict),
-        "params_group": lambda v: v is None or (isinstance(v, str) and PARAMS_GROUP.fullmatch(v) is not None),
+        "params_group": lambda v: v is None or is_group(v, PARAMS),
         "experts": lambda v: isinstance(v, list) and all(
             isinstance(e, dict) and isinstance(e.get("sha256"), str) and SHA256_HEX.fullmatch(e["sha256"])
             for e in v),

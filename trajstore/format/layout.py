@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,7 @@ from .beta import check_anchor_epochs
 from .checksums import PLACEHOLDER, check_sealed, seal
 from ..errors import FormatError, TrajstoreError, VersionError
 from .layers import Layer
+from ..stores.base import is_group
 
 FORMAT_NAME = "ctraj"
 FORMAT_VERSION = 2  # 2: the root records the experts and its own sha256 (docs/format.md §9)
@@ -26,17 +26,10 @@ STEP_NORMS = "step_norms"
 
 CANONICAL_ID = re.compile(r"[0-9]{6,}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-EXPERTS_GROUP = re.compile(r"experts(\.[0-9a-f]{16})?")
 
 
 def expert_dir(expert_id: int, group: str = EXPERTS) -> str:
     return f"{group}/{expert_id:06d}"
-
-
-def fresh_experts_group() -> str:
-    """A new experts group name, for a replacement written beside the tree it replaces on a store
-    without rename: the old tree stays readable under its keys until the root names the new group."""
-    return f"{EXPERTS}.{uuid.uuid4().hex[:16]}"
 
 
 def expert_id_of(name: str) -> int | None:
@@ -174,7 +167,7 @@ _OPTIONAL_KEYS: dict[str, tuple] = {
     "training": (lambda v: isinstance(v, dict), "an object"),
     "provenance": (lambda v: isinstance(v, dict), "an object"),
     # a key the store builds: never a path that leaves the store
-    "experts_group": (lambda v: isinstance(v, str) and EXPERTS_GROUP.fullmatch(v) is not None,
+    "experts_group": (lambda v: is_group(v, EXPERTS),
                       "'experts' or 'experts.' and 16 lowercase hex digits"),
 }
 

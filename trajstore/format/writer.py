@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import anchorfile, checksums
+from ..stores.base import fresh_group
 from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store
 from .arguments import integer
@@ -20,8 +21,8 @@ from .beta import (LEGACY_SMOOTHINGS, SMOOTHINGS, anchor_epochs_with, beta_from_
                    check_anchor_epochs, smooth_end, smooth_inner)
 from ..errors import ExistsError, FormatError, InvalidTensorError, TrajstoreError, os_errors
 from .layers import as_tensor_list, layer_table
-from .layout import (BETA, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
-                     fresh_experts_group, group_json)
+from .layout import (BETA, EXPERTS, ROOT_META, STEP_NORMS, StoreMeta, anchor_name, expert_dir, expert_id_of,
+                     group_json)
 from .singlefile import publish_single_file
 
 
@@ -203,7 +204,7 @@ class Writer:
             self._store = target.begin_build()
             self._replacing = True
             if self._store.shares_keys:  # no rename: the new experts go where the old tree has none
-                self.meta.experts_group = fresh_experts_group()
+                self.meta.experts_group = fresh_group(EXPERTS)
             self._init_root()
         else:
             self._store = target

@@ -12,11 +12,24 @@ since an expert exists only once its manifest does (docs/format.md, §1 and §8)
 
 from __future__ import annotations
 
+import re
+import uuid
 from abc import ABC, abstractmethod
 
 from ..errors import TrajstoreError
 
 ROOT_KEY = "zarr.json"  # the root group document; a store without it holds nothing readable
+
+
+def fresh_group(base: str) -> str:
+    """`<base>.<16 hex digits>`: a group name the tree being replaced does not use, for a build that
+    shares its keys (`Store.shares_keys`); the new root, written last, names it (docs/format.md §8)."""
+    return f"{base}.{uuid.uuid4().hex[:16]}"
+
+
+def is_group(name, base: str) -> bool:
+    """name is `base` or a `fresh_group(base)` name: a root's group field never leads out of the store."""
+    return isinstance(name, str) and re.fullmatch(rf"{re.escape(base)}(\.[0-9a-f]{{16}})?", name) is not None
 
 
 class Store(ABC):
