@@ -41,7 +41,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from trajstore.tools.threads import single_threaded
 
-from .train import accuracy
+from .train import accuracy, backward_batch
 
 T = TypeVar("T")
 
@@ -247,16 +247,10 @@ class NetGroup:
 
         def step(j: int) -> Callable[[int], None]:
             def one(k: int) -> None:
-                idx = orders[k][j]
-                x = images[idx.to(images.device)].to(device, non_blocking=True)
-                y = labels[idx.to(labels.device)].to(device, non_blocking=True)
-                if augments is not None:
-                    x = augments[k](x)
-                out = self.nets[k](x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-                loss_sum[k] += loss.item() * len(y)
-                correct[k] += int((out.argmax(1) == y).sum())
+                batch_loss, batch_correct = backward_batch(self.nets[k], images, labels, orders[k][j],
+                                                           augment=None if augments is None else augments[k], device=device)
+                loss_sum[k] += batch_loss
+                correct[k] += batch_correct
             return one
 
         with self._pool() as pool:

@@ -138,17 +138,19 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
         say(f"{out}: {len(finished)} experts already there, training {len(todo)} on {ds.name} ({dev}"
             + (f" x {group.world_size} processes)" if group is not None else ")"))
         with tqdm(total=len(todo) * epochs, desc="experts", unit="epoch", disable=not (progress and main)) as bar:
+            def claimed(i: int) -> bool:
+                """Whether this job trains expert i: it holds the claim; else another job does (skipped)."""
+                if claims.acquire(i):
+                    return True
+                left.add(i)
+                queue.skip(bar)
+                return False
+
             group_args = dict(train=train, test=test, seed=seed, dev=dev, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy,
                               epochs=epochs)
             for first in range(0, len(todo) if stacked else 0, batch_experts):
-                batch = []
-                for i in todo[first:first + batch_experts]:
-                    if claims.acquire(i):
-                        batch.append(i)
-                    else:
-                        left.add(i)
-                        queue.skip(bar)
+                batch = [i for i in todo[first:first + batch_experts] if claimed(i)]
                 if batch:
                     _train_together(batch, lambda: build_spec(config), w, twin, say, bar, **group_args)
                 for i in batch:
@@ -156,9 +158,7 @@ def train_experts(out: str | os.PathLike, *, dataset: str | Dataset = EXPERTS.da
                 if twin is not None:
                     twin.merge(set(w.existing_experts()))
             for index in [] if stacked else queue:
-                if not claims.acquire(index):
-                    left.add(index)
-                    queue.skip(bar)
+                if not claimed(index):
                     continue
                 s = derived_seed(seed, index)
                 with torch.random.fork_rng(devices=[]):
