@@ -419,8 +419,7 @@ class CTraj:
         self._numels = [layer.numel for layer in meta.layers]
         self.num_params = sum(self._numels)
         dtypes = {layer.torch_dtype for layer in meta.layers}
-        self._uniform_dtype = len(dtypes) <= 1
-        self._stored_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None  # the layers' one dtype
+        self._stored_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None  # the layers' one dtype, if one
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
         self._out_array: tuple = (None, 0, None)  # ... and its numpy view
         self._flat_lerp = _FlatLerp(self._numels)
@@ -565,8 +564,8 @@ class CTraj:
         rel = anchor_name(epoch)
         buf = expert._bytes(rel, mapped=True)
         tensors = [t.reshape(-1) for t in anchorfile.decode(buf, self.layers, self._describe(f"{expert._dir}/{rel}"))]
-        if dtype is not None or self._uniform_dtype:
-            flat = torch.empty(self.num_params, dtype=dtype or (tensors[0].dtype if tensors else torch.float32),
+        if dtype is not None or self._stored_dtype is not None:
+            flat = torch.empty(self.num_params, dtype=dtype or self._stored_dtype,
                                device=device)
             views = flat.split(self._numels)
             for view, t in zip(views, tensors):
