@@ -72,9 +72,10 @@ class Claims:
                 found.append(int(tail))
         return sorted(found)
 
-    def holder(self, index: int) -> dict | None:
-        """The live claim on expert `index` (its document), or None if there is none or it is stale."""
-        generations = self._generations(index)
+    def holder(self, index: int, generations: list[int] | None = None) -> dict | None:
+        """The live claim on expert `index` (its document), or None if there is none or it is stale.
+        `generations`: its claims' generations, when the caller has just listed them."""
+        generations = self._generations(index) if generations is None else generations
         if not generations:
             return None
         try:
@@ -91,7 +92,7 @@ class Claims:
         """Claim expert `index`; False if another live process holds it or it is published already."""
         while True:
             generations = self._generations(index)
-            if generations and self.holder(index) is not None:
+            if generations and self.holder(index, generations) is not None:
                 return False
             generation = generations[-1] + 1 if generations else 0
             try:

@@ -65,10 +65,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     """
     target = locate(out, storage_options)
     if target.remote:
-        check_targets_separate([locate(src, storage_options)], target)
+        source_at = locate(src, storage_options)
+        check_targets_separate([source_at], target)
         if target.exists() and not overwrite:
             raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
-        source = open_source(src, architecture=architecture, kind=kind, storage_options=storage_options)
+        source = open_source(source_at, architecture=architecture, kind=kind)
         out = target.url
     else:
         out = target.path
