@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from test_matching import _second_derivatives
 from trajstore.distill.networks import FunctionalNet, build, flat_parameters
-from trajstore.distill.networks.student_ops import conv2d
+from trajstore.distill.networks.student_ops import conv2d, instance_norm
 
 
 def _conv_inputs(in_channels: int, dtype, seed: int = 0):
@@ -74,3 +74,49 @@ def test_the_student_leaves_the_global_mkldnn_switch_alone():
         stop.set()
         watcher.join()
     assert seen == {before}
+
+
+def _norm_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    weight = (1 + 0.3 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    bias = (0.5 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    return y, weight, bias
+
+
+def _written_out_norm_relu(y, weight, bias, eps=1e-5):
+    """Instance norm and ReLU in plain ops, differentiated by autograd: (y - mean) / sqrt(biased var + eps)."""
+    mean = y.mean((2, 3), keepdim=True)
+    var = (y - mean).square().mean((2, 3), keepdim=True)
+    return torch.relu((y - mean) / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+
+
+# which first derivatives the differentiated functional reads: all, or one of them alone (the double
+# backward's other adjoints are then None)
+@pytest.mark.parametrize("used", [(0, 1, 2), (0,), (1,), (2,)])
+def test_student_norm_relu_first_and_second_derivatives_equal_autograds(used):
+    inputs = _norm_inputs()
+    got_out = instance_norm(*inputs, 1e-5, relu=True)
+    want_out = torch.relu(F.group_norm(inputs[0], 4, inputs[1], inputs[2], 1e-5))
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=1e-14)
+    assert (want_out == 0).float().mean() > 0.2  # the mask matters
+
+    def second(f):
+        g = torch.Generator().manual_seed(1)
+        out = f(*inputs)
+        first = torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=g, dtype=out.dtype),
+                                    create_graph=True)
+        adjoints = [torch.randn(d.shape, generator=g, dtype=d.dtype) for d in first]
+        functional = sum((adjoints[i] * first[i]).sum() for i in used)
+        return [d.detach() for d in first], torch.autograd.grad(functional, inputs, allow_unused=True)
+
+    # a convolution and a square after the layer, as in the student: the layer's output gradient then
+    # depends on the inputs and is non-zero where the ReLU is off
+    after = 0.3 * torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    fast = second(lambda *a: F.conv2d(instance_norm(*a, 1e-5, relu=True), after).square())
+    ref = second(lambda *a: F.conv2d(_written_out_norm_relu(*a), after).square())
+    for got, want in zip(fast[0] + list(fast[1]), ref[0] + list(ref[1])):
+        if want is None:  # dbeta alone does not depend on beta: autograd says unused, the Function zero
+            assert got is None or not got.any()
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

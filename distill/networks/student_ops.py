@@ -189,34 +189,18 @@ def _instance_dims(y: torch.Tensor) -> tuple[int, int, int]:
     return y.shape[0], y.shape[1], y[0, 0].numel()
 
 
-class _InstanceNorm(Function):
-    """GroupNorm(C, C) with affine weight and bias: each (image, channel) plane normalised on its own."""
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, eps):
-        n, c, hw = _instance_dims(y)
-        out, mean, rstd = torch.native_group_norm(y, weight, bias, n, c, hw, c, eps)
-        ctx.save_for_backward(y, weight, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        y, weight, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            gy, gw, gb = _InstanceNormBackward.apply(g, y, weight, mean, rstd)
-        else:
-            gy, gw, gb = _group_norm_backward(g, y, weight, mean, rstd)
-        return gy, gw, gb, None
-
-
-def _plane_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.sum((2, 3), keepdim=True)
-
-
-def _plane_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Per-plane dot products through one reused product buffer: a fresh full-size temporary costs more
-    in page faults than the multiplication."""
-    return _plane_sum(torch.mul(a, b, out=scratch))
+def _plane_stats(g, x, mean, rstd, mask, gamma=None):
+    """native_group_norm_backward over the planes as one image of n*c channels in n*c groups of one (gamma,
+    if given, per channel): its per-channel outputs are then per plane, dgamma = <g, (x - mean) rstd>
+    and dbeta = <g, 1>, from one fused pass over g and x (no product temporary); dx (mask[0]) is the
+    same as the per-image call's, N(gamma g) in _InstanceNormBackward's notation."""
+    n, c, d = _instance_dims(x)
+    p = n * c
+    per_plane = None if gamma is None else gamma.repeat(n)
+    dx, dots, sums = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, p, d), x.reshape(1, p, d), mean.reshape(1, p), rstd.reshape(1, p), per_plane, 1, p, d, p,
+        mask)
+    return (None if dx is None else dx.view_as(x)), dots, sums
 
 
 def _group_norm_backward(g, y, weight, mean, rstd):
@@ -224,44 +208,75 @@ def _group_norm_backward(g, y, weight, mean, rstd):
     return torch.ops.aten.native_group_norm_backward(g, y, mean, rstd, weight, n, c, hw, c, [True, True, True])
 
 
+class _InstanceNorm(Function):
+    """GroupNorm(C, C) with affine weight and bias, each (image, channel) plane normalised on its own, and
+    with relu=True the ReLU after it in the same Function: one graph node fewer per layer, and the mask's
+    second derivative (zero) is never materialised as the full-size zeros PyTorch's ReLU adds."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps, relu):
+        n, c, hw = _instance_dims(y)
+        out, mean, rstd = torch.native_group_norm(y, weight, bias, n, c, hw, c, eps)
+        if relu:
+            out.relu_()
+        ctx.relu = relu
+        ctx.save_for_backward(y, weight, mean, rstd, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        y, weight, mean, rstd, out = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            gy, gw, gb = _InstanceNormBackward.apply(g_out, y, weight, mean, rstd, out)
+        else:
+            g = torch.ops.aten.threshold_backward(g_out, out, 0) if out is not None else g_out
+            gy, gw, gb = _group_norm_backward(g, y, weight, mean, rstd)
+        return gy, gw, gb, None, None
+
+
 class _InstanceNormBackward(Function):
-    """(g, y, gamma) -> (dy, dgamma, dbeta) of instance norm, with its own derivative in closed form.
+    """(g_out, y, gamma) -> (dy, dgamma, dbeta) of instance norm (with out given, of ReLU after it: the
+    norm's output gradient is g = g_out where out > 0, else 0), with its own derivative in closed form.
 
     Per plane (D values, mean mu, r = 1/sqrt(var + eps), xhat = (y - mu) r), with the projection
     N(u) = r (u - mean(u) - xhat <u, xhat> / D) (symmetric), the backward is
         dy = N(gamma g),  dgamma = sum <g, xhat>,  dbeta = sum <g, 1>.
     Given adjoints v, a, b of (dy, dgamma, dbeta), S = <v, dy> + a dgamma + b dbeta has
-        dS/dg     = gamma N(v) + a xhat + b
-        dS/dgamma = sum <g, N(v)>
+        dS/dg     = gamma N(v) + a xhat + b                 (dS/dg_out: the same where out > 0, else 0)
+        dS/dgamma = sum <g, N(v)> = sum r (<g, v> - <g, 1> <v, 1> / D - <g, xhat> <v, xhat> / D)
         dS/dy     = N(a g) - r/D (<v, xhat> N(h) + <h, xhat> N(v)) - r^2 K / D xhat,   h = gamma g,
                     K = <v, h> - D mean(v) mean(h) - <v, xhat> <h, xhat> / D
-    (dr/dy = -r^2 xhat / D and dxhat/dy = r (I - 1/D - xhat xhat^T / D)). Every full-size term is a
-    per-plane linear combination of g, v, y and 1, so it costs five dot products and three axpys.
+    (dr/dy = -r^2 xhat / D and dxhat/dy = r (I - 1/D - xhat xhat^T / D); the ReLU mask is piecewise
+    constant, so it adds no term). Every full-size term is a per-plane linear combination of g, v, y and
+    1: the backward keeps <g, xhat> and <g, 1> per plane from its own pass, and the double backward takes
+    <v, xhat>, <v, 1> and <v, g> from two fused reductions, then forms dS/dy and dS/dg with axpys.
     """
 
     @staticmethod
-    def forward(ctx, g, y, weight, mean, rstd):
-        n, c, hw = _instance_dims(y)
-        ctx.save_for_backward(g, y, weight, mean, rstd)
-        return _group_norm_backward(g, y, weight, mean, rstd)
+    def forward(ctx, g_out, y, weight, mean, rstd, out):
+        n, c, _ = _instance_dims(y)
+        g = torch.ops.aten.threshold_backward(g_out, out, 0) if out is not None else g_out
+        # per plane, so that the double backward has <g, xhat> and <g, 1> without another pass
+        gy, g_xhat, sum_g = _plane_stats(g, y, mean, rstd, [True, True, True], weight)
+        ctx.save_for_backward(g, y, weight, mean, rstd, out, g_xhat, sum_g)
+        return gy, g_xhat.view(n, c).sum(0), sum_g.view(n, c).sum(0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v, a, b):
-        g, y, weight, mean, rstd = ctx.saved_tensors
+        g, y, weight, mean, rstd, out, g_xhat, sum_g = ctx.saved_tensors
         n, c, d = _instance_dims(y)
         shape = (1, c, 1, 1)
-        v = torch.zeros_like(y) if v is None else v.contiguous()
+        v = torch.zeros_like(y) if v is None else v
         a = torch.zeros(shape, dtype=y.dtype, device=y.device) if a is None else a.view(shape)
         b = torch.zeros(shape, dtype=y.dtype, device=y.device) if b is None else b.view(shape)
         gamma = weight.view(shape)
         mu, r = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
-        sum_v, sum_g = _plane_sum(v), _plane_sum(g)
-        scratch = torch.empty_like(y)
-        g_y = _plane_dot(g, y, scratch)
-        v_xhat = r * (_plane_dot(v, y, scratch) - mu * sum_v)       # <v, xhat>
-        g_xhat = r * (g_y - mu * sum_g)                             # <g, xhat>
-        v_g = _plane_dot(v, g, scratch)
+        g_xhat, sum_g = g_xhat.view(n, c, 1, 1), sum_g.view(n, c, 1, 1)
+        _, v_xhat, sum_v = _plane_stats(v, y, mean, rstd, [False, True, True])
+        v_xhat, sum_v = v_xhat.view(n, c, 1, 1), sum_v.view(n, c, 1, 1)
+        v_g = _plane_stats(v, g, torch.zeros_like(mean), torch.ones_like(rstd), [False, True, False])[1]
+        v_g = v_g.view(n, c, 1, 1)
         # N(u) = r u + cy(u) y + c0(u): its y and constant coefficients for u = v and u = g
         cy_v, cy_g = -r * r * v_xhat / d, -r * r * g_xhat / d
         c0_v, c0_g = -r * sum_v / d - cy_v * mu, -r * sum_g / d - cy_g * mu
@@ -274,12 +289,16 @@ class _InstanceNormBackward(Function):
         dy = (y * (alpha * cy_g + beta * cy_v - kr * r)).add_(alpha * c0_g + beta * c0_v + kr * r * mu)
         dy.addcmul_(alpha * r, g).addcmul_(beta * r, v)
         dg = (y * (gamma * cy_v + a * r)).add_(gamma * c0_v - a * r * mu + b).addcmul_(gamma * r, v)
-        dgamma = (r * v_g + cy_v * g_y + c0_v * sum_g).sum(0).view(-1)
-        return dg, dy, dgamma, None, None
+        if out is not None:  # through the ReLU's mask, in place: dg is this function's own temporary
+            torch.ops.aten.threshold_backward.grad_input(dg, out, 0, grad_input=dg)
+        dgamma = (r * (v_g - sum_g * sum_v / d - g_xhat * v_xhat / d)).sum(0).view(-1)
+        return dg, dy, dgamma, None, None, None
 
 
-def instance_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return _InstanceNorm.apply(y, weight, bias, eps)
+def instance_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                  relu: bool = False) -> torch.Tensor:
+    """GroupNorm(C, C) (affine), then ReLU where relu is true."""
+    return _InstanceNorm.apply(y, weight, bias, eps, relu)
 
 
 def convnet_forward(net: nn.Module) -> Callable | None:
@@ -305,13 +324,22 @@ def convnet_forward(net: nn.Module) -> Callable | None:
             steps.append(("avgpool", prefix, module))
         else:
             return None
+    # a norm and the ReLU after it run as one Function
+    fused = []
+    for step in steps:
+        if step[0] == "relu" and fused and fused[-1][0] == "instancenorm":
+            fused[-1] = ("instancenorm_relu", *fused[-1][1:])
+        else:
+            fused.append(step)
+    steps = fused
 
     def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         for kind, prefix, m in steps:
             if kind == "conv":
                 x = conv2d(x, params[prefix + "weight"], params[prefix + "bias"], list(m.padding))
-            elif kind == "instancenorm":
-                x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps)
+            elif kind in ("instancenorm", "instancenorm_relu"):
+                x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps,
+                                  relu=kind == "instancenorm_relu")
             elif kind == "relu":
                 x = torch.relu_(x)  # in place: instance norm keeps its input, not its output
             else:
