@@ -116,14 +116,18 @@ def _conv_input_grad(gy, weight, padding, x_shape):
     return F.conv_transpose2d(gy, weight, None, 1, padding)
 
 
-def _conv_weight_grad(x, gy, weight, padding):
-    return torch.ops.aten.convolution_backward(gy, x, weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
-                                               [False, True, False])[1]
+def _conv_param_grads(x, gy, weight, padding, want_weight=True, want_bias=False):
+    """The gradients of conv2d(x, weight, bias) w.r.t. weight and bias (each None unless wanted), from one
+    convolution_backward call: the bias's sum is taken in the same pass."""
+    _, gw, gb = torch.ops.aten.convolution_backward(gy, x, weight, [weight.shape[0]] if want_bias else None,
+                                                    [1, 1], padding, [1, 1], False, [0, 0], 1,
+                                                    [False, want_weight, want_bias])
+    return gw, gb
 
 
 class _Conv(Function):
     """conv2d (stride 1, no dilation or groups) whose backward is made of _ConvInputGrad and
-    _ConvWeightGrad, so that its second derivatives are plain convolutions and weight gradients too
+    _ConvParamGrads, so that its second derivatives are plain convolutions and weight gradients too
     (PyTorch's double backward computes the weight term as a convolution of batch-transposed tensors,
     slower than a weight gradient) and each runs on the faster backend for its channel count."""
 
@@ -138,14 +142,15 @@ class _Conv(Function):
         x, weight = ctx.saved_tensors
         # a backward that is not differentiated (create_graph=False) needs no Functions, only their values
         graph = torch.is_grad_enabled()
-        gx = gw = None
+        gx = None
         if _engine_needs(ctx, 0):
             gx = (_ConvInputGrad.apply(gy, weight, ctx.padding, ctx.x_shape) if graph
                   else _conv_input_grad(gy, weight, ctx.padding, ctx.x_shape))
-        if _engine_needs(ctx, 1):
-            gw = (_ConvWeightGrad.apply(x, gy, weight, ctx.padding) if graph
-                  else _conv_weight_grad(x, gy, weight, ctx.padding))
-        gb = gy.sum((0, 2, 3)) if _engine_needs(ctx, 2) else None
+        want_weight, want_bias = _engine_needs(ctx, 1), _engine_needs(ctx, 2)
+        gw = gb = None
+        if want_weight or want_bias:
+            gw, gb = (_ConvParamGrads.apply(x, gy, weight, ctx.padding, want_weight, want_bias) if graph
+                      else _conv_param_grads(x, gy, weight, ctx.padding, want_weight, want_bias))
         return gx, gw, gb, None
 
 
@@ -161,24 +166,34 @@ class _ConvInputGrad(Function):
     def backward(ctx, ggx):
         gy, weight = ctx.saved_tensors
         d_gy = _conv(ggx, weight, ctx.padding) if _engine_needs(ctx, 0) else None
-        d_weight = _conv_weight_grad(ggx, gy, weight, ctx.padding) if _engine_needs(ctx, 1) else None
+        d_weight = _conv_param_grads(ggx, gy, weight, ctx.padding)[0] if _engine_needs(ctx, 1) else None
         return d_gy, d_weight, None, None
 
 
-class _ConvWeightGrad(Function):
+class _ConvParamGrads(Function):
+    """(x, gy) -> the weight's and the bias's gradients (either may be None). The bias's adjoint enters the
+    double backward as the bias of the convolution that gives gy's adjoint, instead of as a full-size
+    broadcast that autograd would add to it."""
+
     @staticmethod
-    def forward(ctx, x, gy, weight, padding):
+    def forward(ctx, x, gy, weight, padding, want_weight, want_bias):
         ctx.padding = padding
         ctx.save_for_backward(x, gy)
-        return _conv_weight_grad(x, gy, weight, padding)
+        return _conv_param_grads(x, gy, weight, padding, want_weight, want_bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, ggw):
+    def backward(ctx, ggw, ggb):
         x, gy = ctx.saved_tensors
-        d_x = _conv_input_grad(gy, ggw, ctx.padding, x.shape) if _engine_needs(ctx, 0) else None
-        d_gy = _conv(x, ggw, ctx.padding) if _engine_needs(ctx, 1) else None
-        return d_x, d_gy, None, None
+        d_x = d_gy = None
+        if ggw is not None and _engine_needs(ctx, 0):
+            d_x = _conv_input_grad(gy, ggw, ctx.padding, x.shape)
+        if _engine_needs(ctx, 1):
+            if ggw is not None:
+                d_gy = _conv(x, ggw, ctx.padding, ggb)
+            elif ggb is not None:
+                d_gy = ggb.view(1, -1, 1, 1).expand(gy.shape)
+        return d_x, d_gy, None, None, None, None
 
 
 def conv2d(x, weight, bias, padding):
@@ -208,41 +223,52 @@ def _group_norm_backward(g, y, weight, mean, rstd):
     return torch.ops.aten.native_group_norm_backward(g, y, mean, rstd, weight, n, c, hw, c, [True, True, True])
 
 
+def _norm_output_grad(g_res, out, pool):
+    """The gradient at the norm's output from the one at the layer's result (after ReLU where out, the
+    ReLU's output, is given, and 2x2 pooling where pool): the spread is this function's own temporary, so
+    the ReLU's mask is applied to it in place."""
+    if pool:
+        g = _spread2(g_res)
+        return g if out is None else torch.ops.aten.threshold_backward.grad_input(g, out, 0, grad_input=g)
+    return g_res if out is None else torch.ops.aten.threshold_backward(g_res, out, 0)
+
+
 class _InstanceNorm(Function):
-    """GroupNorm(C, C) with affine weight and bias, each (image, channel) plane normalised on its own, and
-    with relu=True the ReLU after it in the same Function: one graph node fewer per layer, and the mask's
-    second derivative (zero) is never materialised as the full-size zeros PyTorch's ReLU adds."""
+    """GroupNorm(C, C) with affine weight and bias, each (image, channel) plane normalised on its own; with
+    relu=True the ReLU after it and with pool=True the 2x2 average pooling after that (even sizes), in the
+    same Function: fewer graph nodes and full-size temporaries per layer, and the mask's second derivative
+    (zero) is never materialised as the full-size zeros PyTorch's ReLU adds."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, eps, relu):
+    def forward(ctx, y, weight, bias, eps, relu, pool):
         n, c, hw = _instance_dims(y)
         out, mean, rstd = torch.native_group_norm(y, weight, bias, n, c, hw, c, eps)
         if relu:
             out.relu_()
-        ctx.relu = relu
+        ctx.pool = pool
         ctx.save_for_backward(y, weight, mean, rstd, out if relu else None)
-        return out
+        return _pool2(out) if pool else out
 
     @staticmethod
-    def backward(ctx, g_out):
+    def backward(ctx, g_res):
         y, weight, mean, rstd, out = ctx.saved_tensors
         if torch.is_grad_enabled():
-            gy, gw, gb = _InstanceNormBackward.apply(g_out, y, weight, mean, rstd, out)
+            gy, gw, gb = _InstanceNormBackward.apply(g_res, y, weight, mean, rstd, out, ctx.pool)
         else:
-            g = torch.ops.aten.threshold_backward(g_out, out, 0) if out is not None else g_out
-            gy, gw, gb = _group_norm_backward(g, y, weight, mean, rstd)
-        return gy, gw, gb, None, None
+            gy, gw, gb = _group_norm_backward(_norm_output_grad(g_res, out, ctx.pool), y, weight, mean, rstd)
+        return gy, gw, gb, None, None, None
 
 
 class _InstanceNormBackward(Function):
-    """(g_out, y, gamma) -> (dy, dgamma, dbeta) of instance norm (with out given, of ReLU after it: the
-    norm's output gradient is g = g_out where out > 0, else 0), with its own derivative in closed form.
+    """(g_res, y, gamma) -> (dy, dgamma, dbeta) of instance norm (with out given, of ReLU after it: the
+    norm's output gradient is g = g_out where out > 0, else 0; with pool, g_out is g_res spread over the
+    2x2 blocks), with its own derivative in closed form.
 
     Per plane (D values, mean mu, r = 1/sqrt(var + eps), xhat = (y - mu) r), with the projection
     N(u) = r (u - mean(u) - xhat <u, xhat> / D) (symmetric), the backward is
         dy = N(gamma g),  dgamma = sum <g, xhat>,  dbeta = sum <g, 1>.
     Given adjoints v, a, b of (dy, dgamma, dbeta), S = <v, dy> + a dgamma + b dbeta has
-        dS/dg     = gamma N(v) + a xhat + b                 (dS/dg_out: the same where out > 0, else 0)
+        dS/dg     = gamma N(v) + a xhat + b    (dS/dg_out: the same where out > 0, else 0; dS/dg_res its pool)
         dS/dgamma = sum <g, N(v)> = sum r (<g, v> - <g, 1> <v, 1> / D - <g, xhat> <v, xhat> / D)
         dS/dy     = N(a g) - r/D (<v, xhat> N(h) + <h, xhat> N(v)) - r^2 K / D xhat,   h = gamma g,
                     K = <v, h> - D mean(v) mean(h) - <v, xhat> <h, xhat> / D
@@ -253,9 +279,10 @@ class _InstanceNormBackward(Function):
     """
 
     @staticmethod
-    def forward(ctx, g_out, y, weight, mean, rstd, out):
+    def forward(ctx, g_res, y, weight, mean, rstd, out, pool):
         n, c, _ = _instance_dims(y)
-        g = torch.ops.aten.threshold_backward(g_out, out, 0) if out is not None else g_out
+        g = _norm_output_grad(g_res, out, pool)
+        ctx.pool = pool
         # per plane, so that the double backward has <g, xhat> and <g, 1> without another pass
         gy, g_xhat, sum_g = _plane_stats(g, y, mean, rstd, [True, True, True], weight)
         ctx.save_for_backward(g, y, weight, mean, rstd, out, g_xhat, sum_g)
@@ -292,13 +319,15 @@ class _InstanceNormBackward(Function):
         if out is not None:  # through the ReLU's mask, in place: dg is this function's own temporary
             torch.ops.aten.threshold_backward.grad_input(dg, out, 0, grad_input=dg)
         dgamma = (r * (v_g - sum_g * sum_v / d - g_xhat * v_xhat / d)).sum(0).view(-1)
-        return dg, dy, dgamma, None, None, None
+        return _pool2(dg) if ctx.pool else dg, dy, dgamma, None, None, None, None
 
 
 def instance_norm(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                  relu: bool = False) -> torch.Tensor:
-    """GroupNorm(C, C) (affine), then ReLU where relu is true."""
-    return _InstanceNorm.apply(y, weight, bias, eps, relu)
+                  relu: bool = False, pool: bool = False) -> torch.Tensor:
+    """GroupNorm(C, C) (affine), then ReLU where relu is true, then F.avg_pool2d(., 2) where pool is."""
+    if pool and (y.shape[-1] % 2 or y.shape[-2] % 2):
+        return F.avg_pool2d(_InstanceNorm.apply(y, weight, bias, eps, relu, False), 2)
+    return _InstanceNorm.apply(y, weight, bias, eps, relu, pool)
 
 
 def convnet_forward(net: nn.Module) -> Callable | None:
@@ -324,22 +353,23 @@ def convnet_forward(net: nn.Module) -> Callable | None:
             steps.append(("avgpool", prefix, module))
         else:
             return None
-    # a norm and the ReLU after it run as one Function
+    # a norm and the ReLU and pooling after it run as one Function: (kind, prefix, module, relu, pool)
     fused = []
-    for step in steps:
-        if step[0] == "relu" and fused and fused[-1][0] == "instancenorm":
-            fused[-1] = ("instancenorm_relu", *fused[-1][1:])
+    for kind, prefix, module in steps:
+        norm = fused[-1] if fused and fused[-1][0] == "instancenorm" else None
+        if norm and kind == "relu" and not norm[3] and not norm[4]:
+            fused[-1] = (*norm[:3], True, False)
+        elif norm and kind == "avgpool" and not norm[4]:
+            fused[-1] = (*norm[:4], True)
         else:
-            fused.append(step)
-    steps = fused
+            fused.append((kind, prefix, module, False, False))
 
     def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        for kind, prefix, m in steps:
+        for kind, prefix, m, relu, pool in fused:
             if kind == "conv":
                 x = conv2d(x, params[prefix + "weight"], params[prefix + "bias"], list(m.padding))
-            elif kind in ("instancenorm", "instancenorm_relu"):
-                x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps,
-                                  relu=kind == "instancenorm_relu")
+            elif kind == "instancenorm":
+                x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps, relu, pool)
             elif kind == "relu":
                 x = torch.relu_(x)  # in place: instance norm keeps its input, not its output
             else:
