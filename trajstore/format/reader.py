@@ -169,25 +169,25 @@ class _FlatLerp:
         return found
 
     def _buffer(self, dtype: np.dtype) -> tuple:
-        """This thread's buffers for dtype: the layers' factors, the function that writes Python floats into
-        them (struct's, with a C cast per value: a third of what numpy's conversion of a list costs cold),
-        per part its factor (a 0-d view into the factors for a large layer, a slice of the small layers'
-        per-value factors for a run of small ones), and the small layers' per-value factors (or None)."""
-        held = self._local.__dict__.get(dtype)
-        if held is None:
-            factors = np.zeros(self.num_layers, dtype=dtype)
-            # native order and sizes, one code per value: f float32, d float64, e float16 (given values that
-            # float16 holds exactly: _round_weight's)
-            pack = functools.partial(struct.Struct(f"{self.num_layers}{dtype.char}").pack_into,
-                                     memoryview(factors).cast("B"), 0)
-            small = None if self.small_index is None else np.zeros(len(self.small_index), dtype=dtype)
-            per_part = [factors[f:f + 1].reshape(()) if f.__class__ is int else small[f] for f in self.factor_of]
-            held = self._local.__dict__[dtype] = (factors, pack, per_part, small)
+        """This thread's buffers for dtype, made on its first call: the layers' factors, the function that
+        writes Python floats into them (struct's, with a C cast per value: a third of what numpy's
+        conversion of a list costs cold), per part its factor (a 0-d view into the factors for a large layer,
+        a slice of the small layers' per-value factors for a run of small ones), and the small layers'
+        per-value factors (or None)."""
+        factors = np.zeros(self.num_layers, dtype=dtype)
+        # native order and sizes, one code per value: f float32, d float64, e float16 (given values that
+        # float16 holds exactly: _round_weight's)
+        pack = functools.partial(struct.Struct(f"{self.num_layers}{dtype.char}").pack_into,
+                                 memoryview(factors).cast("B"), 0)
+        small = None if self.small_index is None else np.zeros(len(self.small_index), dtype=dtype)
+        per_part = [factors[f:f + 1].reshape(()) if f.__class__ is int else small[f] for f in self.factor_of]
+        held = self._local.__dict__[dtype] = (factors, pack, per_part, small)
         return held
 
     def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], ws: list[float], out: np.ndarray,
                  out_parts: list[np.ndarray]) -> None:
-        factors, pack, per_part, small = self._buffer(out.dtype)
+        held = self._local.__dict__.get(out.dtype)  # (inline: a call less, on the path that runs cold)
+        factors, pack, per_part, small = held if held is not None else self._buffer(out.dtype)
         # Each factor rounded once from float64: for float32 and float64 by struct's C cast (the hardware's IEEE
         # conversion); float16 by _round_weight, as a cast through float32 would round twice. -(1 - w) keeps
         # the -0.0 of w = 1 (y - 0*d and y + (-0)*d agree only then).
