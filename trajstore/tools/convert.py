@@ -99,7 +99,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     else:
         with os_errors(out):
             out.parent.mkdir(parents=True, exist_ok=True)
-        build = atomic.temp_sibling(out, "build")
+        scratch = atomic.Scratch(out)
+        build = scratch.path
     try:
         with create(build, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
@@ -119,7 +120,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
                 publish(build, out, overwrite=overwrite)
     finally:
         if not target.remote:
-            atomic.remove(build)
+            scratch.release()
         elif not published and not replacing:  # a failed replace leaves the old store: the writer removed its build
             open_store(target, mode="w").delete("")
     store = open_ctraj(target)
