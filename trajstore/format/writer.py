@@ -215,6 +215,12 @@ class Writer:
                 self._init_root()
         self._target_store = target
 
+    @property
+    def created(self) -> bool:
+        """Whether this writer created the store (wrote its first root metadata), rather than joining a
+        store another writer had started (append=True, or writers starting one store at once)."""
+        return self._created
+
     # -- store level -------------------------------------------------------------------------
 
     def _check_same_form(self) -> None:
