@@ -213,6 +213,30 @@ def test_flat_into_preallocated_out(store):
         e.at(1, flat=True, out=torch.empty(3))
 
 
+def test_a_reused_out_is_checked_again_when_it_changed(store):
+    """The `out` of the last call is recognised in a few comparisons; one changed since (autograd, shape,
+    memory, dtype) is checked in full again, never written through a stale numpy view."""
+    path, _ = store
+    r = trajstore.open(path)
+    e, n = r.expert(1), r.num_params
+    want = e.at(6.6, flat=True)
+    buf = torch.empty(n)
+    assert e.at(6.6, flat=True, out=buf) is buf and torch.equal(buf, want)
+    buf.requires_grad_(True)
+    with pytest.raises(trajstore.TrajstoreError, match="out must not require grad"):
+        e.at(6.6, flat=True, out=buf)
+    buf.requires_grad_(False)
+    buf.resize_(n - 1)  # the same memory, one value shorter
+    with pytest.raises(trajstore.TrajstoreError, match="out must be a torch.float32 vector"):
+        e.at(6.6, flat=True, out=buf)
+    buf.resize_(n)
+    buf.set_(torch.zeros(2 * n)[n:])  # other memory: written there
+    assert e.at(6.6, flat=True, out=buf) is buf and torch.equal(buf, want)
+    buf.data = buf.detach().view(torch.int32)  # the same memory and shape, another dtype
+    with pytest.raises(trajstore.TrajstoreError, match="out must be a torch.float32 vector"):
+        e.at(6.6, flat=True, out=buf)
+
+
 # -- §1 expert enumeration ---------------------------------------------------------------------------
 
 def test_experts_are_enumerated_by_id_ignoring_hidden_and_other_entries(tmp_path):
@@ -320,6 +344,27 @@ def test_cache_evicts_least_recently_used_beyond_cache_bytes(store, decodes):
     for _ in range(2):
         assert torch.equal(tiny.expert(0).at(1.5, flat=True), want[1.5])
     assert len(decodes) == 4
+
+
+def test_cache_order_counts_the_repeated_reads_of_a_piece(store, decodes):
+    """Reading the piece an expert read last is answered without touching the cache's keys (_piece's slot),
+    yet counts as a use: eviction stays least recently used first, and an evicted piece is read again."""
+    path, _ = store
+    want = {(i, c): trajstore.open(path).expert(i).at(c, flat=True).clone() for i in range(3) for c in (1.5, 2.5)}
+    one = trajstore.open(path).num_params * 4  # an anchor, or a piece's y - x
+    r = trajstore.open(path, cache_bytes=6 * one)  # two pieces of three entries
+    e0, e1, e2 = r.expert(0), r.expert(1), r.expert(2)
+    decodes.clear()
+    assert torch.equal(e0.at(1.5, flat=True), want[0, 1.5]) and torch.equal(e1.at(1.5, flat=True), want[1, 1.5])
+    assert len(decodes) == 4
+    assert torch.equal(e0.at(2.5, flat=True), want[0, 2.5])  # from the slot: expert 0's piece is now the newest
+    assert torch.equal(e2.at(1.5, flat=True), want[2, 1.5]) and len(decodes) == 6  # pushes out expert 1's
+    assert torch.equal(e0.at(1.5, flat=True), want[0, 1.5]) and len(decodes) == 6  # still held
+    assert torch.equal(e1.at(2.5, flat=True), want[1, 2.5]) and len(decodes) == 8  # read again, not a stale slot
+    assert r._cached <= 6 * one
+    for _ in range(3000):  # a long run of slot reads keeps its queue of uses short
+        e1.at(2.5, flat=True)
+    assert len(r._touched) <= 1025
 
 
 def test_a_new_flat_vector_is_the_callers_alone(store):

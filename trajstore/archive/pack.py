@@ -13,7 +13,7 @@ from ..progress import progress_bar
 from .. import __version__
 from ..stores import atomic
 from ..stores.base import ROOT_KEY, fresh_group
-from ..stores.files import DirectoryStore
+from ..stores.files import ScratchStore
 from ..stores.location import locate, open_store, where
 from ..stores.overlap import check_separate, check_targets_separate
 from ..errors import ExistsError, FormatError, TrajstoreError, os_errors
@@ -89,7 +89,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
     group, replacing = PARAMS, target.remote and present
     if not target.remote:
         target.path.parent.mkdir(parents=True, exist_ok=True)
-        build = DirectoryStore(atomic.temp_sibling(target.path, "build"))
+        build = ScratchStore(atomic.Scratch(target.path))
     elif replacing:  # among the old archive's keys: a group it does not use; the root is held until the switch
         build, group = out_store.begin_build(), fresh_group(PARAMS)
     else:
@@ -134,6 +134,9 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = Fa
     except BaseException:
         build.delete(group if replacing else "")
         raise
+    finally:
+        if isinstance(build, ScratchStore):
+            build.release()
     if replacing:
         out_store.finish_build(build)  # the root's PUT switches readers; a failure after it keeps the new archive
     return PackReport(out=target.path if target.path is not None else target.url, experts=packed.num_experts,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
+import struct
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 import torch
@@ -27,15 +29,23 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 
 _CPU = torch.device("cpu")
+_DEVICE_NAMES = {"cpu": _CPU}  # device strings met so far (torch parses a string on every call)
 
 
 def _device(device, where=None) -> torch.device:
     if device is None:
         return _CPU
+    if device.__class__ is str:
+        found = _DEVICE_NAMES.get(device)
+        if found is not None:
+            return found
     try:
-        return torch.device(device)
+        found = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise TrajstoreError(f"device={short_repr(device)} is not a torch device ({exc})", where) from None
+    if device.__class__ is str and len(_DEVICE_NAMES) < 64:
+        _DEVICE_NAMES[device] = found
+    return found
 
 
 def _dtype(dtype, where=None):
@@ -110,7 +120,9 @@ class _FlatLerp:
 
     What does not depend on c is made once here: the parts, and per thread and dtype a buffer of the
     layers' factors with a 0-d view of each large layer's (a 0-d array operand costs numpy half what a
-    scalar does: no scalar conversion per call), so that a call fills one number per layer and runs the passes.
+    scalar does: no scalar conversion per call) and a buffer of the small layers' per-value factors, so
+    that a call fills one number per layer, gathers the small layers' into place, and runs the passes.
+    A call after other work finds all this cold (benchmarks/RESULTS.md §4), so it touches few objects.
     """
 
     BIG = 4096  # values from which a layer gets its own multiply
@@ -120,7 +132,8 @@ class _FlatLerp:
         self.bounds, self.num_layers = bounds, len(numels)
         self.parts: list[slice] = []  # the vector's parts, each multiplied in one call
         self.factor_of: list[int | slice] = []  # per part: its layer (a scalar factor) or its slice of `small`
-        small, counts, layer = [], [], 0
+        small = []  # per value of the small layers, in order: its layer
+        layer = 0
         while layer < len(numels):
             end = layer + 1
             if numels[layer] < self.BIG:
@@ -128,15 +141,14 @@ class _FlatLerp:
                     end += 1
             if bounds[end] > bounds[layer]:
                 self.parts.append(slice(bounds[layer], bounds[end]))
-                n = sum(counts)
+                n = len(small)
                 self.factor_of.append(layer if numels[layer] >= self.BIG else slice(n, n + bounds[end] - bounds[layer]))
                 if numels[layer] < self.BIG:
-                    small += range(layer, end)
-                    counts += numels[layer:end]
+                    small += itertools.chain.from_iterable(itertools.repeat(k, numels[k]) for k in range(layer, end))
             layer = end
-        self.small_layers, self.small_counts = np.array(small, dtype=np.intp), np.array(counts, dtype=np.intp)
+        self.small_index = np.array(small, dtype=np.intp) if small else None
         self._stretches: dict[bytes, list[tuple[slice, bool]]] = {}
-        self._local = threading.local()  # per thread: {numpy dtype: (factors, their views per part)}
+        self._local = threading.local()  # per thread: {numpy dtype: (factors, per part its factor, small factors)}
 
     def split(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[part] for part in self.parts]
@@ -156,40 +168,47 @@ class _FlatLerp:
                 self._stretches[key] = found
         return found
 
-    def _buffer(self, dtype: np.dtype) -> tuple[np.ndarray, list]:
-        """This thread's factor buffer for dtype and, per part, the 0-d view of its layer's factor (None for a
-        run of small layers, whose per-value factors are gathered per call)."""
-        held = self._local.__dict__.get(dtype)
-        if held is None:
-            factors = np.zeros(self.num_layers, dtype=dtype)
-            views = [factors[f:f + 1].reshape(()) if f.__class__ is int else None for f in self.factor_of]
-            held = self._local.__dict__[dtype] = (factors, views)
+    def _buffer(self, dtype: np.dtype) -> tuple:
+        """This thread's buffers for dtype, made on its first call: the layers' factors, the function that
+        writes Python floats into them (struct's, with a C cast per value: a third of what numpy's
+        conversion of a list costs cold), per part its factor (a 0-d view into the factors for a large layer,
+        a slice of the small layers' per-value factors for a run of small ones), and the small layers'
+        per-value factors (or None)."""
+        factors = np.zeros(self.num_layers, dtype=dtype)
+        # native order and sizes, one code per value: f float32, d float64, e float16 (given values that
+        # float16 holds exactly: _round_weight's)
+        pack = functools.partial(struct.Struct(f"{self.num_layers}{dtype.char}").pack_into,
+                                 memoryview(factors).cast("B"), 0)
+        small = None if self.small_index is None else np.zeros(len(self.small_index), dtype=dtype)
+        per_part = [factors[f:f + 1].reshape(()) if f.__class__ is int else small[f] for f in self.factor_of]
+        held = self._local.__dict__[dtype] = (factors, pack, per_part, small)
         return held
 
     def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], ws: list[float], out: np.ndarray,
                  out_parts: list[np.ndarray]) -> None:
-        factors, per_part = self._buffer(out.dtype)
-        # Each rounded once from float64: for float32 and float64 by numpy's cast (the hardware's IEEE
+        held = self._local.__dict__.get(out.dtype)  # (inline: a call less, on the path that runs cold)
+        factors, pack, per_part, small = held if held is not None else self._buffer(out.dtype)
+        # Each factor rounded once from float64: for float32 and float64 by struct's C cast (the hardware's IEEE
         # conversion); float16 by _round_weight, as a cast through float32 would round twice. -(1 - w) keeps
         # the -0.0 of w = 1 (y - 0*d and y + (-0)*d agree only then).
         if out.dtype.itemsize == 2:
-            factors[:] = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16)
-                          for w in ws]
+            fs = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16) for w in ws]
         else:
-            factors[:] = [w if w < 0.5 else -(1.0 - w) for w in ws]
-        if len(self.small_layers):
-            small = factors.take(self.small_layers).repeat(self.small_counts)
-            per_part = [small[f] if v is None else v for f, v in zip(self.factor_of, per_part)]
-        multiply, add = np.multiply, np.add
+            fs = [w if w < 0.5 else -(1.0 - w) for w in ws]
+        pack(*fs)
+        # The base of the additions: x where every factor is positive, y where every one is negative; else (a
+        # factor 0, whose sign says its base, or both signs) per stretch of layers, from the factors' signs.
+        base = x if min(fs, default=1.0) > 0.0 else y if max(fs, default=1.0) < 0.0 else None
+        if small is not None:
+            factors.take(self.small_index, out=small, mode="wrap")  # "wrap": no buffered copy (indices are valid)
+        multiply = np.multiply
         for d, o, f in zip(d_parts, out_parts, per_part):
             multiply(d, f, o)
-        if max(ws, default=0.0) < 0.5:  # every layer from x (the usual case near a piece's start)
-            add(out, x, out)
-        elif min(ws) >= 0.5:  # every layer from y
-            add(out, y, out)
+        if base is not None:
+            np.add(out, base, out)
         else:
             for part, from_y in self.stretches(np.signbit(factors)):
-                add(out[part], y[part] if from_y else x[part], out[part])
+                np.add(out[part], y[part] if from_y else x[part], out[part])
 
 
 class _Anchor:
@@ -341,21 +360,22 @@ class Expert:
         if out is not None and (not flat or not isinstance(out, torch.Tensor)):
             raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
                                  s.path)
-        a, b, d_parts = s._piece(self, epochs[piece], epochs[piece + 1], dev, dtype, flat)
+        a, b, d_parts = s._piece(self, piece, dev, dtype, flat)
         if flat:
+            if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
+                if out is None:
+                    out = torch.empty_like(a.flat)  # its dtype and device (fewer arguments to parse)
+                    s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, False))
+                else:
+                    s._flat_lerp(a.array, b.array, d_parts, ws, *s._out_array_of(out, a.flat))
+                return out
             if a.flat is None:
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", s.path)
             reused = out is not None  # a caller's `out`, which comes again: its views are kept
-            if not reused:
+            if reused:
+                s._check_out(out, a.flat)
+            else:
                 out = torch.empty(s.num_params, dtype=a.flat.dtype, device=dev)
-            elif out.shape != (s.num_params,) or out.dtype != a.flat.dtype or out.device != a.flat.device:
-                raise TrajstoreError(f"out must be a {a.flat.dtype} vector of {s.num_params} values on "
-                                     f"{a.flat.device}", s.path)
-            elif out.requires_grad:
-                raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", s.path)
-            if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
-                s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, reused))
-                return out
             if dev.type == "cuda":  # each operation a kernel launch: foreach launches over all layers, one cat
                 return torch.cat(lerp_layers(a.layers, b.layers, ws), out=out)
             for ta, tb, w, o in zip(a.layers, b.layers, ws, s._layer_views(out, reused)):
@@ -421,11 +441,13 @@ class CTraj:
         dtypes = {layer.torch_dtype for layer in meta.layers}
         self._stored_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None  # the layers' one dtype, if one
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
-        self._out_array: tuple = (None, 0, None)  # ... and its numpy view
+        self._out_array: tuple = (None, 0, None, None, None)  # ... and its numpy view (and dtype, shape)
         self._flat_lerp = _FlatLerp(self._numels)
         self._ids, self._unlisted = self._expert_ids()
         self._experts: dict[int, Expert] = {}
         self._cache: OrderedDict = OrderedDict()
+        self._slots: dict[int, tuple] = {}  # expert id -> the piece it read last, while cached (_piece)
+        self._touched: deque = deque()  # the slots' uses not yet applied to the cache's order (_piece)
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._lock = threading.Lock()
@@ -538,17 +560,35 @@ class CTraj:
             self._out_views = (weakref.ref(flat), flat.data_ptr(), views)
         return views
 
+    def _check_out(self, out: torch.Tensor, like: torch.Tensor) -> None:
+        """A caller's `out` must be a vector like the flat anchor `like`, free of autograd."""
+        if out.shape != (self.num_params,) or out.dtype != like.dtype or out.device != like.device:
+            raise TrajstoreError(f"out must be a {like.dtype} vector of {self.num_params} values on "
+                                 f"{like.device}", self.path)
+        if out.requires_grad:
+            raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", self.path)
+
     def _array_of(self, flat: torch.Tensor, keep: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept (with keep) for the
         last vector like _layer_views."""
-        ref, ptr, arrays = self._out_array
+        ref, ptr, arrays = self._out_array[:3]
         if ref is not None and ref() is flat and flat.data_ptr() == ptr:
             return arrays
         array = flat.numpy()
         arrays = (array, self._flat_lerp.split(array))
         if keep:
-            self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays)
+            self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays, flat.dtype, flat.shape)
         return arrays
+
+    def _out_array_of(self, out: torch.Tensor, like: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+        """_array_of a caller's `out`, checked: the `out` of the last call (the same tensor, memory, dtype and
+        shape; callers reuse one) is answered in a few comparisons, as a full check costs a cold call more."""
+        ref, ptr, arrays, dtype, shape = self._out_array
+        if ref is not None and ref() is out and out.data_ptr() == ptr and out.dtype is dtype is like.dtype \
+                and not out.requires_grad and out.shape == shape:
+            return arrays
+        self._check_out(out, like)
+        return self._array_of(out, True)
 
     # -- anchor cache -------------------------------------------------------------------------
 
@@ -577,31 +617,58 @@ class CTraj:
             held = _Anchor(None, tensors)
         return self._keep(key, held, sum(t.numel() * t.element_size() for t in held.layers))
 
-    def _piece(self, expert: Expert, a: int, b: int, device: torch.device, dtype, flat: bool):
-        """(anchor a, anchor b, y - x or None) for the piece from epoch a to b: the difference (numpy, rounded
+    def _piece(self, expert: Expert, piece: int, device: torch.device, dtype, flat: bool):
+        """(anchor a, anchor b, y - x or None) for the given piece of the expert: the difference (numpy, rounded
         to the dtype, split into _FlatLerp's parts) only for a flat vector on the CPU in a numpy dtype. It does
-        not depend on c, so it is cached beside the anchors."""
+        not depend on c, so it is cached beside the anchors.
+
+        This runs on every call of `at`, so the piece an expert read last is answered from its slot (one
+        comparison) instead of hashing and reordering its three cache keys: the slot exists only while all
+        three entries are cached (an eviction drops the slots of its expert), and its use is queued and
+        applied to the cache's order before the cache is next read or changed, so eviction stays least
+        recently used first."""
+        slot = self._slots.get(expert.id)
+        if slot is not None and slot[0] == (piece, device, dtype, flat):
+            touched = self._touched
+            touched.append(slot[2])
+            if len(touched) > 1024:  # a long run of slot hits (no other cache use in between)
+                with self._lock:
+                    self._settle()
+            return slot[1]
+        epochs = self.meta.anchor_epochs
+        a, b = epochs[piece], epochs[piece + 1]
         difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
         keys = ((expert.id, a, device, dtype), (expert.id, b, device, dtype), (expert.id, a, b, device, dtype))
         keys = keys if difference else keys[:2]
-        cache = self._cache
-        with self._lock:  # the usual case: all held (this runs on every call of `at`, so it is kept lean)
-            if all(key in cache for key in keys):
-                for key in keys:
-                    cache.move_to_end(key)
-                return cache[keys[0]][0], cache[keys[1]][0], cache[keys[2]][0] if difference else None
         x = self._anchor(expert, a, device, dtype)
         y = self._anchor(expert, b, device, dtype)
-        if not difference:
-            return x, y, None
-        d = self._hit(keys[2])
-        if d is None:
-            d = np.subtract(y.array, x.array)
-            d = self._keep(keys[2], self._flat_lerp.split(d), d.nbytes, pinned=keys[:2])
-        return x, y, d
+        d = None
+        if difference:
+            d = self._hit(keys[2])
+            if d is None:
+                d = np.subtract(y.array, x.array)
+                d = self._keep(keys[2], self._flat_lerp.split(d), d.nbytes, pinned=keys[:2])
+        found = (x, y, d)
+        with self._lock:  # the piece's slot, if all its entries are held (a difference may not fit)
+            cache = self._cache
+            if all(key in cache for key in keys):
+                self._settle()
+                for key in keys:  # used in this order: as the slot's queued uses replay it
+                    cache.move_to_end(key)
+                self._slots[expert.id] = ((piece, device, dtype, flat), found, keys)
+        return found
+
+    def _settle(self) -> None:
+        """Apply the queued uses of slots (_piece) to the cache's order; the caller holds the lock."""
+        cache, touched = self._cache, self._touched
+        while touched:
+            for key in touched.popleft():
+                if key in cache:  # not if evicted meanwhile
+                    cache.move_to_end(key)
 
     def _hit(self, key):
         with self._lock:
+            self._settle()
             hit = self._cache.get(key)
             if hit is None:
                 return None
@@ -611,8 +678,10 @@ class CTraj:
     def _keep(self, key, value, nbytes: int, pinned: tuple = ()):
         """Cache value (least recently used first out, `cache_bytes` for everything held). An anchor may push
         out any older entry, and the newest stays even alone over the limit; a difference (pinned: its two
-        anchors) never pushes out its own anchors and is not kept where it does not fit beside them."""
+        anchors) never pushes out its own anchors and is not kept where it does not fit beside them.
+        An eviction drops the slot (_piece) of the evicted entry's expert."""
         with self._lock:
+            self._settle()
             if key in self._cache:  # another thread read it meanwhile
                 return self._cache[key][0]
             self._cache[key] = (value, nbytes)
@@ -621,11 +690,16 @@ class CTraj:
                 if self._cached <= self._cache_bytes:
                     break
                 self._cached -= self._cache.pop(old)[1]
+                self._slots.pop(old[0], None)
             if pinned and self._cached > self._cache_bytes:
                 self._cached -= self._cache.pop(key)[1]
+                self._slots.pop(key[0], None)
         return value
 
     def close(self) -> None:
+        with self._lock:
+            self._slots.clear()
+            self._touched.clear()
         self._cache.clear()
         self._experts.clear()
         self._cached = 0

@@ -25,8 +25,7 @@ def write_single_file(src_dir: Path, dst: Path, *, overwrite: bool = False) -> N
     if links:  # the single file must hold the store's own bytes, never a file a link points to
         raise TrajstoreError("is a symbolic link; the single-file form is made only of the store's own files "
                              "(copy the target into the store first)", links[0])
-    tmp = atomic.temp_sibling(dst)
-    try:
+    with atomic.Scratch(dst, "tmp") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for path in sorted(src_dir.rglob("*")):
                 if not path.is_file() or any(part.startswith(".") for part in path.relative_to(src_dir).parts):
@@ -42,8 +41,6 @@ def write_single_file(src_dir: Path, dst: Path, *, overwrite: bool = False) -> N
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         atomic.publish_file(tmp, dst, overwrite=overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def publish_single_file(src_dir: Path, target: Location, *, overwrite: bool = False) -> None:
@@ -54,7 +51,7 @@ def publish_single_file(src_dir: Path, target: Location, *, overwrite: bool = Fa
         return
     if target.exists() and not overwrite:
         raise ExistsError("already exists (pass overwrite=True / --force to replace it)", target.url)
-    scratch = Path(src_dir).parent / f".{Path(src_dir).name}.zip"
+    scratch = Path(src_dir) / ".upload.zip"  # hidden: not zipped into itself; removed with the build if killed
     try:
         write_single_file(src_dir, scratch, overwrite=True)
         target.fs.put_file(str(scratch), target.fs_path)
@@ -65,13 +62,10 @@ def publish_single_file(src_dir: Path, target: Location, *, overwrite: bool = Fa
 
 
 def extract_single_file(src: Path, dst_dir: Path, *, overwrite: bool = False) -> None:
-    tmp = atomic.temp_sibling(Path(dst_dir), "build")
-    try:
+    with atomic.Scratch(Path(dst_dir)) as tmp:
         with zipfile.ZipFile(src) as zf:
             zf.extractall(tmp)
         atomic.publish_dir(tmp, Path(dst_dir), overwrite=overwrite)
-    finally:
-        atomic.remove(tmp)
 
 
 @os_errors(arg="dst")

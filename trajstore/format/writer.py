@@ -14,7 +14,8 @@ import torch
 
 from . import anchorfile, checksums
 from ..stores.base import fresh_group
-from ..stores.files import DirectoryStore
+from ..stores import atomic
+from ..stores.files import DirectoryStore, ScratchStore
 from ..stores.location import locate, open_store
 from .arguments import integer
 from .beta import (LEGACY_SMOOTHINGS, SMOOTHINGS, anchor_epochs_with, beta_from_norms, betas_follow_smoothed_path,
@@ -188,11 +189,11 @@ class Writer:
                                      "form and convert it when done", self.path)
             if exists and not overwrite:
                 raise ExistsError("already exists (pass overwrite=True / --force to replace it)", self.path)
-            scratch = self._target.path.parent if self._target.path is not None else None
-            if scratch is not None:
-                scratch.mkdir(parents=True, exist_ok=True)
-            prefix = f".{self._target.name}.build-"
-            self._store = DirectoryStore(tempfile.mkdtemp(prefix=prefix, dir=scratch))
+            # built beside the file (for the final rename), or for a URL in the temporary directory
+            beside = self._target.path or Path(tempfile.gettempdir()) / self._target.name
+            beside.parent.mkdir(parents=True, exist_ok=True)
+            self._store = ScratchStore(atomic.Scratch(beside))
+            self._store.root.mkdir()
             self._init_root()
         elif exists and append:
             self._store = target
@@ -213,6 +214,12 @@ class Writer:
             else:
                 self._init_root()
         self._target_store = target
+
+    @property
+    def created(self) -> bool:
+        """Whether this writer created the store (wrote its first root metadata), rather than joining a
+        store another writer had started (append=True, or writers starting one store at once)."""
+        return self._created
 
     # -- store level -------------------------------------------------------------------------
 
@@ -332,7 +339,7 @@ class Writer:
             try:
                 publish_single_file(self._store.root, self._target, overwrite=self._overwrite)
             finally:
-                self._store.delete("")
+                self._store.release()
         elif self._replacing:
             self._target_store.finish_build(self._store)
 
@@ -358,7 +365,7 @@ class Writer:
         an appended-to store keeps its finished experts."""
         self._closed = True
         if self.single_file:
-            self._store.delete("")
+            self._store.release()
         elif self._replacing:
             self._target_store.abandon_build(self._store)
         elif self._created and not self.meta.complete:

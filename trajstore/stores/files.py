@@ -136,23 +136,33 @@ class DirectoryStore(Store):
     def discard(self, staged: str, final: str, manifest: str) -> None:
         atomic.remove(self._path(staged))
 
-    def begin_build(self) -> "DirectoryStore":
+    def begin_build(self) -> "ScratchStore":
         """A hidden sibling on the same filesystem, renamed into place when finished."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        built = DirectoryStore(atomic.temp_sibling(self.root, "build"))
+        built = ScratchStore(atomic.Scratch(self.root))
         built.root.mkdir()
         return built
 
-    def finish_build(self, built: Store) -> None:
+    def finish_build(self, built: "ScratchStore") -> None:
         atomic.publish_dir(built.root, self.root, overwrite=True)
+        built.release()
 
-    def abandon_build(self, built: Store) -> None:
-        built.delete("")
+    def abandon_build(self, built: "ScratchStore") -> None:
+        built.release()
 
     def zarr_store(self, read_only: bool = True, prefix: str = ""):
         from zarr.storage import LocalStore
 
         return LocalStore(self._path(prefix), read_only=read_only)
+
+
+class ScratchStore(DirectoryStore):
+    """A directory store built in an `atomic.Scratch`: `release` removes it unless it was moved into place,
+    and a build killed before that is removed by the next one of the same path."""
+
+    def __init__(self, scratch: atomic.Scratch):
+        super().__init__(scratch.path)
+        self.release = scratch.release
 
 
 class ZipFileStore(Store):

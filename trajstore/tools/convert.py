@@ -95,15 +95,21 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
     # An object store has no rename: the store is written in place and opens only once complete (a
     # replace writes new keys beside the old store and switches with its root: docs/format.md §8).
     if target.remote:
-        build, published, replacing = target, False, target.exists()
+        build, published, replacing, owned = target, False, target.exists(), False
     else:
         with os_errors(out):
             out.parent.mkdir(parents=True, exist_ok=True)
-        build = atomic.temp_sibling(out, "build")
+        scratch = atomic.Scratch(out)
+        build = scratch.path
     try:
         with create(build, source.layers, source.num_timesteps, anchor_epochs=anchors, smoothing=smoothing,
                     architecture=source.architecture, training=info, provenance=provenance,
                     single_file=single_file, overwrite=overwrite and target.remote) as writer:
+            if target.remote and not (replacing or single_file):  # written at the URL's own keys
+                owned = writer.created
+                if not owned:  # another process started a store there after our check: never joined, never removed
+                    raise ExistsError("was created by another process during this conversion; it is left as "
+                                      "it is (choose another output, or --force to replace it)", target.url)
             for i in progress_bar(range(source.num_experts), unit="expert", desc="convert", disable=not progress):
                 origin = source.source_of(i)
                 try:
@@ -119,8 +125,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, waypoints: Sequen
                 publish(build, out, overwrite=overwrite)
     finally:
         if not target.remote:
-            atomic.remove(build)
-        elif not published and not replacing:  # a failed replace leaves the old store: the writer removed its build
+            scratch.release()
+        elif not published and owned:  # only a store this created: a failed replace leaves the old one (the
+            # writer removed its build) and a single file is uploaded whole or not at all
             open_store(target, mode="w").delete("")
     store = open_ctraj(target)
     return ConvertReport(out=store.path, experts=store.num_experts, num_timesteps=store.num_timesteps,

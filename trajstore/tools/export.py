@@ -46,11 +46,11 @@ def write_buffer_dir(out_dir, files: Iterable[tuple[str, list]], *, overwrite: b
     check_out_dir(out_dir, overwrite)
     with os_errors(out_dir):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic.temp_sibling(out_dir, "build")
-        tmp.mkdir()
-    names = []
+        scratch = atomic.Scratch(out_dir)
+    tmp, names = scratch.path, []
     try:
         with os_errors(out_dir):
+            tmp.mkdir()
             for name, trajectories in files:
                 _save(trajectories, tmp / name, out_dir / name)
                 names.append(name)
@@ -59,7 +59,7 @@ def write_buffer_dir(out_dir, files: Iterable[tuple[str, list]], *, overwrite: b
                 out_dir.rmdir()  # an empty directory made beforehand is taken as "write here"
             atomic.publish_dir(tmp, out_dir, overwrite=overwrite)
     finally:
-        atomic.remove(tmp)
+        scratch.release()
     return [out_dir / name for name in names]
 
 
