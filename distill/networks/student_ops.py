@@ -7,7 +7,8 @@ of this network (benchmarks/RESULTS.md §10 has the profile and the timings):
 
 - instance norm (`GroupNorm(C, C)`): the derivative of `native_group_norm_backward` is a composite of
   ~20 full-size elementwise operations. `_InstanceNormBackward` below writes it out in closed form as a
-  few reductions and per-instance linear combinations of the same tensors.
+  few fused reductions and per-instance linear combinations of the same tensors. The ReLU and the 2x2
+  pooling after the norm run in the same Function (fewer graph nodes and full-size temporaries).
 - 2x2 average pooling: `avg_pool2d` and `avg_pool2d_backward` run several times slower than the memory
   traffic they need at these shapes. Pooling is linear and its adjoint is spreading each value over its
   2x2 block, so `_Pool2` and `_Spread2` are each other's backward (differentiable to any order) and are
@@ -17,11 +18,12 @@ of this network (benchmarks/RESULTS.md §10 has the profile and the timings):
   weight-gradient Functions whose backwards are plain convolutions, each on the faster backend.
 
 The arithmetic is the same as the module's up to float rounding (summation order, convolution
-algorithm); ReLU and the classifier are PyTorch's own.
+algorithm); the classifier is PyTorch's own, and so is a ReLU that does not follow a norm.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -201,7 +203,7 @@ def conv2d(x, weight, bias, padding):
 
 
 def _instance_dims(y: torch.Tensor) -> tuple[int, int, int]:
-    return y.shape[0], y.shape[1], y[0, 0].numel()
+    return y.shape[0], y.shape[1], math.prod(y.shape[2:])
 
 
 def _plane_stats(g, x, mean, rstd, mask, gamma=None):
@@ -304,21 +306,30 @@ class _InstanceNormBackward(Function):
         v_xhat, sum_v = v_xhat.view(n, c, 1, 1), sum_v.view(n, c, 1, 1)
         v_g = _plane_stats(v, g, torch.zeros_like(mean), torch.ones_like(rstd), [False, True, False])[1]
         v_g = v_g.view(n, c, 1, 1)
-        # N(u) = r u + cy(u) y + c0(u): its y and constant coefficients for u = v and u = g
-        cy_v, cy_g = -r * r * v_xhat / d, -r * r * g_xhat / d
-        c0_v, c0_g = -r * sum_v / d - cy_v * mu, -r * sum_g / d - cy_g * mu
-        h_xhat = gamma * g_xhat
-        k = gamma * v_g - gamma * sum_v * sum_g / d - v_xhat * h_xhat / d
-        alpha = a - r / d * v_xhat * gamma                  # N(a g) - r/D <v, xhat> N(gamma g) = N(alpha g)
-        beta = -r / d * h_xhat                              # coefficient of N(v)
-        kr = r * r * k / d                                  # coefficient of -xhat = -(r y - r mu)
+        # With s = 1/D, rs = r s, rrs = r rs: N(u) = r u - rs <u, 1> - rrs <u, xhat> (y - mu), and with
+        # q = <v, g> - s (<v, 1> <g, 1> + <v, xhat> <g, xhat>) (so K = gamma q),
+        #   dS/dy = alpha N(g) + beta N(v) - rrs gamma q r (y - mu),  alpha = a - rs gamma <v, xhat>,
+        #           beta = -rs gamma <g, xhat>   (N(a g) - r/D <v, xhat> N(gamma g) = N(alpha g))
+        #         = alpha r g + beta r v - e (y - mu) - rs (alpha <g, 1> + beta <v, 1>),
+        #           e = rrs (alpha <g, xhat> + beta <v, xhat> + r gamma q)
+        #   dS/dg = gamma r v + f (y - mu) + b - gamma rs <v, 1>,  f = a r - rrs gamma <v, xhat>
+        s = 1.0 / d
+        rs = r * s
+        rrs = r * rs
+        gamma_vx = gamma * v_xhat
+        q = torch.sub(v_g, torch.addcmul(sum_v * sum_g, v_xhat, g_xhat), alpha=s)
+        alpha = torch.addcmul(a, rs, gamma_vx, value=-1)
+        beta = (gamma * g_xhat).mul_(rs).neg_()
+        e = (alpha * g_xhat).addcmul_(beta, v_xhat).addcmul_(r * gamma, q).mul_(rrs)
+        c_dy = (e * mu).sub_((alpha * sum_g).addcmul_(beta, sum_v).mul_(rs))
         # (out-of-place addcmul with a broadcast first operand is several times slower than mul + add_)
-        dy = (y * (alpha * cy_g + beta * cy_v - kr * r)).add_(alpha * c0_g + beta * c0_v + kr * r * mu)
-        dy.addcmul_(alpha * r, g).addcmul_(beta * r, v)
-        dg = (y * (gamma * cy_v + a * r)).add_(gamma * c0_v - a * r * mu + b).addcmul_(gamma * r, v)
+        dy = (y * e.neg_()).add_(c_dy).addcmul_(alpha * r, g).addcmul_(beta * r, v)
+        f = torch.addcmul(a * r, rrs, gamma_vx, value=-1)
+        c_dg = torch.addcmul(b - f * mu, rs * gamma, sum_v, value=-1)
+        dg = (y * f).add_(c_dg).addcmul_(gamma * r, v)
         if out is not None:  # through the ReLU's mask, in place: dg is this function's own temporary
             torch.ops.aten.threshold_backward.grad_input(dg, out, 0, grad_input=dg)
-        dgamma = (r * (v_g - sum_g * sum_v / d - g_xhat * v_xhat / d)).sum(0).view(-1)
+        dgamma = (r * q).sum(0).view(-1)
         return _pool2(dg) if ctx.pool else dg, dy, dgamma, None, None, None, None
 
 
