@@ -360,7 +360,15 @@ class Expert:
         if out is not None and (not flat or not isinstance(out, torch.Tensor)):
             raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
                                  s.path)
-        a, b, d_parts = s._piece(self, piece, dev, dtype, flat)
+        slot = s._slots.get(self.id)  # the piece this expert read last, while cached (CTraj._piece)
+        if slot is not None and slot[0] == (piece, dev, dtype, flat):
+            a, b, d_parts = slot[1]
+            touched = s._touched  # a use of its entries, applied to the cache's order later
+            touched.append(slot[2])
+            if len(touched) > 1024:  # a long run of slot reads (no other cache use in between)
+                s._settle(lock=True)
+        else:
+            a, b, d_parts = s._piece(self, piece, dev, dtype, flat)
         if flat:
             if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
                 if out is None:
@@ -622,19 +630,11 @@ class CTraj:
         to the dtype, split into _FlatLerp's parts) only for a flat vector on the CPU in a numpy dtype. It does
         not depend on c, so it is cached beside the anchors.
 
-        This runs on every call of `at`, so the piece an expert read last is answered from its slot (one
-        comparison) instead of hashing and reordering its three cache keys: the slot exists only while all
-        three entries are cached (an eviction drops the slots of its expert), and its use is queued and
-        applied to the cache's order before the cache is next read or changed, so eviction stays least
-        recently used first."""
-        slot = self._slots.get(expert.id)
-        if slot is not None and slot[0] == (piece, device, dtype, flat):
-            touched = self._touched
-            touched.append(slot[2])
-            if len(touched) > 1024:  # a long run of slot hits (no other cache use in between)
-                with self._lock:
-                    self._settle()
-            return slot[1]
+        It also sets the expert's slot, from which `at` reads the piece again while it is the one the expert
+        read last (one comparison instead of hashing and reordering three cache keys, on every call): the
+        slot exists only while all its entries are cached (an eviction drops the slot of the entry's
+        expert), and `at` queues each use of it, applied to the cache's order before the cache is next read
+        or changed, so eviction stays least recently used first."""
         epochs = self.meta.anchor_epochs
         a, b = epochs[piece], epochs[piece + 1]
         difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
@@ -658,8 +658,12 @@ class CTraj:
                 self._slots[expert.id] = ((piece, device, dtype, flat), found, keys)
         return found
 
-    def _settle(self) -> None:
-        """Apply the queued uses of slots (_piece) to the cache's order; the caller holds the lock."""
+    def _settle(self, lock: bool = False) -> None:
+        """Apply the queued uses of slots (_piece) to the cache's order; the caller holds the lock, or with
+        lock=True this takes it."""
+        if lock:
+            with self._lock:
+                return self._settle()
         cache, touched = self._cache, self._touched
         while touched:
             for key in touched.popleft():
