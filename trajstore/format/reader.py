@@ -61,10 +61,11 @@ _PRECISION = {torch.float64: (53, -1021), torch.float32: (24, -125), torch.float
 
 
 def _round_weight(w: float, dtype: torch.dtype) -> float:
-    """w (float64, in [0, 1]) rounded once to dtype, to nearest with ties to even (round() is exact here)."""
+    """w (float64, in [-1, 1]) rounded once to dtype, to nearest with ties to even (round() is exact here);
+    symmetric, so -w rounds to minus what w does (and -0.0 stays -0.0)."""
     bits, emin = _PRECISION[dtype]
     if w == 0.0:
-        return 0.0
+        return w
     scale = bits - max(math.frexp(w)[1], emin)
     return math.ldexp(round(math.ldexp(w, scale)), -scale)
 
@@ -184,18 +185,15 @@ class _FlatLerp:
         held = self._local.__dict__[dtype] = (factors, pack, per_part, small)
         return held
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], ws: list[float], out: np.ndarray,
+    def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], fs: list[float], out: np.ndarray,
                  out_parts: list[np.ndarray]) -> None:
+        """out = the point with per layer the float64 factor f from the nearer anchor: f = w (w < 0.5) or
+        f = -(1 - w) (piece_weights(..., nearer=True); -0.0 for w = 1: y - 0*d and y + (-0)*d agree only then)."""
         held = self._local.__dict__.get(out.dtype)  # (inline: a call less, on the path that runs cold)
         factors, pack, per_part, small = held if held is not None else self._buffer(out.dtype)
         # Each factor rounded once from float64: for float32 and float64 by struct's C cast (the hardware's IEEE
-        # conversion); float16 by _round_weight, as a cast through float32 would round twice. -(1 - w) keeps
-        # the -0.0 of w = 1 (y - 0*d and y + (-0)*d agree only then).
-        if out.dtype.itemsize == 2:
-            fs = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16) for w in ws]
-        else:
-            fs = [w if w < 0.5 else -(1.0 - w) for w in ws]
-        pack(*fs)
+        # conversion); float16 by _round_weight, as a cast through float32 would round twice.
+        pack(*fs) if out.dtype.itemsize != 2 else pack(*[_round_weight(f, torch.float16) for f in fs])
         # The base of the additions: x where every factor is positive, y where every one is negative; else (a
         # factor 0, whose sign says its base, or both signs) per stretch of layers, from the factors' signs.
         base = x if min(fs, default=1.0) > 0.0 else y if max(fs, default=1.0) < 0.0 else None
@@ -350,27 +348,29 @@ class Expert:
         rows = self._beta_rows
         if rows is None:
             rows = self._beta_rows = self.beta.tolist()
-        epochs = s.meta.anchor_epochs
-        try:
-            piece, ws = piece_weights(rows, epochs, c)
-        except OutOfRangeError as exc:
-            raise OutOfRangeError(str(exc), s.path) from None
         dev = _CPU if device is None else _device(device, s.path)
         dtype = None if dtype is None else _dtype(dtype, s.path)
         if out is not None and (not flat or not isinstance(out, torch.Tensor)):
             raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
                                  s.path)
+        # a flat vector on the CPU in a numpy dtype: _FlatLerp over the piece's cached y - x, which takes
+        # each weight from the nearer anchor
+        numpy = flat and (dev is _CPU or dev.type == "cpu") and (dtype or s._stored_dtype) in _NUMPY_DTYPES
+        try:
+            piece, ws = piece_weights(rows, s.meta.anchor_epochs, c, numpy)
+        except OutOfRangeError as exc:
+            raise OutOfRangeError(str(exc), s.path) from None
         slot = s._slots.get(self.id)  # the piece this expert read last, while cached (CTraj._piece)
-        if slot is not None and slot[0] == (piece, dev, dtype, flat):
+        if slot is not None and slot[0] == (piece, dev, dtype, numpy):
             a, b, d_parts = slot[1]
             touched = s._touched  # a use of its entries, applied to the cache's order later
             touched.append(slot[2])
             if len(touched) > 1024:  # a long run of slot reads (no other cache use in between)
                 s._settle(lock=True)
         else:
-            a, b, d_parts = s._piece(self, piece, dev, dtype, flat)
+            a, b, d_parts = s._piece(self, piece, dev, dtype, numpy)
         if flat:
-            if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
+            if numpy:  # whole-vector numpy passes over the cached y - x
                 if out is None:
                     out = torch.empty_like(a.flat)  # its dtype and device (fewer arguments to parse)
                     s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, False))
@@ -625,10 +625,10 @@ class CTraj:
             held = _Anchor(None, tensors)
         return self._keep(key, held, sum(t.numel() * t.element_size() for t in held.layers))
 
-    def _piece(self, expert: Expert, piece: int, device: torch.device, dtype, flat: bool):
+    def _piece(self, expert: Expert, piece: int, device: torch.device, dtype, difference: bool):
         """(anchor a, anchor b, y - x or None) for the given piece of the expert: the difference (numpy, rounded
-        to the dtype, split into _FlatLerp's parts) only for a flat vector on the CPU in a numpy dtype. It does
-        not depend on c, so it is cached beside the anchors.
+        to the dtype, split into _FlatLerp's parts) only with `difference`, which `at` asks for a flat vector on
+        the CPU in a numpy dtype. It does not depend on c, so it is cached beside the anchors.
 
         It also sets the expert's slot, from which `at` reads the piece again while it is the one the expert
         read last (one comparison instead of hashing and reordering three cache keys, on every call): the
@@ -637,7 +637,6 @@ class CTraj:
         or changed, so eviction stays least recently used first."""
         epochs = self.meta.anchor_epochs
         a, b = epochs[piece], epochs[piece + 1]
-        difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
         keys = ((expert.id, a, device, dtype), (expert.id, b, device, dtype), (expert.id, a, b, device, dtype))
         keys = keys if difference else keys[:2]
         x = self._anchor(expert, a, device, dtype)
@@ -655,7 +654,7 @@ class CTraj:
                 self._settle()
                 for key in keys:  # used in this order: as the slot's queued uses replay it
                     cache.move_to_end(key)
-                self._slots[expert.id] = ((piece, device, dtype, flat), found, keys)
+                self._slots[expert.id] = ((piece, device, dtype, difference), found, keys)
         return found
 
     def _settle(self, lock: bool = False) -> None:
