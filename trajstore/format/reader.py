@@ -209,6 +209,16 @@ class _FlatLerp:
                 np.add(out[part], y[part] if from_y else x[part], out[part])
 
 
+class _Address:
+    """Memory by address, for numpy: an array over it has this as its base, not the tensor that owns it
+    (CTraj._array_of)."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, address: int, length: int, dtype):
+        self.__array_interface__ = {"data": (address, False), "shape": (length,), "typestr": np.dtype(dtype).str, "version": 3}
+
+
 class _Anchor:
     """A cached anchor: its layers (1-D) and, when they share a dtype, the flat vector they are views of
     (with its numpy view on the CPU in a numpy dtype, for _FlatLerp)."""
@@ -373,9 +383,9 @@ class Expert:
             if numpy:  # whole-vector numpy passes over the cached y - x
                 if out is None:
                     out = torch.empty_like(a.flat)  # its dtype and device (fewer arguments to parse)
-                    s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, False))
-                else:
-                    s._flat_lerp(a.array, b.array, d_parts, ws, *s._out_array_of(out, a.flat))
+                elif out.requires_grad or out.dtype is not a.flat.dtype or not out.is_cpu or out.shape != s._flat_shape:
+                    s._check_out(out, a.flat)  # (the same tests, with the message)
+                s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out))
                 return out
             if a.flat is None:
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", s.path)
@@ -449,7 +459,8 @@ class CTraj:
         dtypes = {layer.torch_dtype for layer in meta.layers}
         self._stored_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None  # the layers' one dtype, if one
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
-        self._out_array: tuple = (None, 0, None, None, None)  # ... and its numpy view (and dtype, shape)
+        self._flat_shape = (self.num_params,)
+        self._views = threading.local()  # per thread: numpy views of flat CPU vectors by address (_array_of)
         self._flat_lerp = _FlatLerp(self._numels)
         self._ids, self._unlisted = self._expert_ids()
         self._experts: dict[int, Expert] = {}
@@ -576,27 +587,28 @@ class CTraj:
         if out.requires_grad:
             raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", self.path)
 
-    def _array_of(self, flat: torch.Tensor, keep: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-        """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept (with keep) for the
-        last vector like _layer_views."""
-        ref, ptr, arrays = self._out_array[:3]
-        if ref is not None and ref() is flat and flat.data_ptr() == ptr:
-            return arrays
-        array = flat.numpy()
-        arrays = (array, self._flat_lerp.split(array))
-        if keep:
-            self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays, flat.dtype, flat.shape)
-        return arrays
+    def _array_of(self, flat: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A flat CPU vector as a numpy array over its memory and that array's parts for _FlatLerp.
 
-    def _out_array_of(self, out: torch.Tensor, like: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
-        """_array_of a caller's `out`, checked: the `out` of the last call (the same tensor, memory, dtype and
-        shape; callers reuse one) is answered in a few comparisons, as a full check costs a cold call more."""
-        ref, ptr, arrays, dtype, shape = self._out_array
-        if ref is not None and ref() is out and out.data_ptr() == ptr and out.dtype is dtype is like.dtype \
-                and not out.requires_grad and out.shape == shape:
-            return arrays
-        self._check_out(out, like)
-        return self._array_of(out, True)
+        For a contiguous vector (every new one, and a caller's `out` as a rule) they are kept per thread by
+        address: a caller reuses one `out` (or two: a window's start and target), and the allocator hands a
+        freed vector's memory to the next request of its size, so a caller that drops each new point before
+        asking for the next gets the same address again and again. They are made over the bare address
+        (__array_interface__, see _Address), so that they hold no reference to any tensor (a vector stays
+        its caller's alone), and are used only for the vector that owns that memory now: a contiguous
+        vector of this length and dtype at that address (which `at` has checked)."""
+        if not flat.is_contiguous():  # (an `out` that is a strided view): a strided numpy view, each call
+            array = flat.numpy()
+            return array, self._flat_lerp.split(array)
+        key = (flat.data_ptr(), flat.dtype)
+        held = self._views.__dict__
+        found = held.get(key)
+        if found is None:
+            if len(held) >= 8:  # a few addresses per thread: those in use again and again
+                held.clear()
+            array = np.asarray(_Address(key[0], self.num_params, _NUMPY_DTYPES[flat.dtype]))
+            found = held[key] = (array, self._flat_lerp.split(array))
+        return found
 
     # -- anchor cache -------------------------------------------------------------------------
 
