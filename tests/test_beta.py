@@ -136,6 +136,17 @@ def test_piece_weights_by_hand(c, piece, w, rows):
     np.testing.assert_allclose(got, w, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("c,w", [(0.0, [0.0, 0.0]), (1.0, [1 / 3, 1 / 2]), (3.5, [0.5 * (3 / 7) + 0.5, 0.5]),
+                                 (4.0, [1.0, 1.0])])
+def test_piece_weights_from_the_nearer_anchor_by_hand(c, w):
+    """nearer=True: per layer w below 0.5, else -(1 - w), the factor of docs/format.md §7's lerp from y; w = 1
+    gives -0.0 (y + (-0)*d keeps y's sign where d is 0) and w = 0 gives +0.0."""
+    got_piece, got = piece_weights(BETA.tolist(), EPOCHS, c, nearer=True)
+    want = [x if x < 0.5 else -(1.0 - x) for x in w]
+    assert got_piece == (0 if c < 2 else 1) and got == pytest.approx(want, rel=1e-15, abs=0)
+    assert [math.copysign(1.0, g) for g in got] == [math.copysign(1.0, v) for v in want]
+
+
 def test_piece_weights_use_the_stored_row_not_a_neighbour():
     beta = np.array([[0.0], [0.1], [0.7], [0.9], [1.0]])  # one piece (0, 4)
     for c, w in [(1.0, 0.1), (2.0, 0.7), (2.25, 0.75 * 0.7 + 0.25 * 0.9), (3.5, 0.5 * 0.9 + 0.5 * 1.0)]:

@@ -231,7 +231,8 @@ def test_the_flat_cpu_lerp_rounds_each_factor_once(dtype):
     carry = spec_reader.CARRY[dtype]
     x, y = np.zeros(sum(numels), dtype=carry), np.ones(sum(numels), dtype=carry)
     lerp, out = _FlatLerp(numels), np.empty_like(x)
-    lerp(x, y, lerp.split(y - x), ws, out, lerp.split(out))
+    # it takes each weight from the nearer anchor: w below 0.5, else -(1 - w) (piece_weights' nearer=True)
+    lerp(x, y, lerp.split(y - x), [w if w < 0.5 else -(1.0 - w) for w in ws], out, lerp.split(out))
     for v, w in zip(np.split(out, np.cumsum(numels)[:-1]), ws):
         assert len(set(v.tolist())) == 1 and Fraction(float(v[0])) == exact_lerp(0.0, 1.0, w, dtype), f"w={w!r}"
 

@@ -237,6 +237,28 @@ def test_a_reused_out_is_checked_again_when_it_changed(store):
         e.at(6.6, flat=True, out=buf)
 
 
+def test_outs_at_the_same_address_and_strided_outs_get_the_right_values(store):
+    """at() keeps numpy views of flat vectors by address (a reused `out`, a new vector in recycled memory):
+    another dtype at the same address, a strided `out`, two `out`s taking turns all get the spec's point."""
+    path, _ = store
+    r = trajstore.open(path)
+    e, n = r.expert(0), r.num_params
+    want32, want64 = e.at(6.6, flat=True), e.at(6.6, flat=True, dtype=torch.float64)
+    memory = torch.zeros(n, dtype=torch.float64)
+    as32 = memory.view(torch.float32)[:n]  # the first half of the same bytes, as float32
+    assert e.at(6.6, flat=True, out=as32) is as32 and torch.equal(as32, want32)
+    assert e.at(6.6, flat=True, dtype=torch.float64, out=memory) is memory and torch.equal(memory, want64)
+    whole = torch.zeros(2 * n)
+    strided = whole[::2]  # a vector of n values, every other one of its memory
+    assert e.at(6.6, flat=True, out=strided) is strided and torch.equal(strided, want32)
+    assert not whole[1::2].any()  # the values between are left alone
+    start, target = torch.empty(n), torch.empty(n)
+    for c in (1.5, 2.5, 6.6, 9.0):
+        e.at(c, flat=True, out=start), e.at(min(c + 1, 10), flat=True, out=target)
+        assert torch.equal(start, e.at(c, flat=True)) and torch.equal(target, e.at(min(c + 1, 10), flat=True))
+    assert len(r._views.__dict__) <= 8
+
+
 # -- §1 expert enumeration ---------------------------------------------------------------------------
 
 def test_experts_are_enumerated_by_id_ignoring_hidden_and_other_entries(tmp_path):
@@ -380,7 +402,8 @@ def test_a_new_flat_vector_is_the_callers_alone(store):
         del point
         gc.collect()
         assert gone() is None and r.num_params > 0, dtype  # the store lives on
-    assert r._out_array[0] is None  # nor a numpy view of its memory (which would not stop the tensor going)
+    # nor a numpy view of its memory that refers to it (which would not stop the tensor going)
+    assert all(array.base.__class__ is not torch.Tensor for array, _ in r._views.__dict__.values())
 
 
 def test_cache_holds_each_piece_difference_beside_its_anchors_within_cache_bytes(store, decodes):

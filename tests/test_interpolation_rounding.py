@@ -115,7 +115,8 @@ def test_the_flat_cpu_form_rounds_each_layer_like_the_spec(name):
     for ws in ([0.5, 0.3, 0.5, 0.7, 0.5, 0.5, 0.25, 0.999], [0.0, 1.0, 0.1234567, 0.5, 0.75, 0.4999999, 1.0, 0.5],
                [0.5] * 8, [0.2] * 8, [0.8] * 8, [0.0] * 8, [1.0] * 8, [0.0, 1.0] * 4):
         out = np.full_like(x, 7.0)
-        flat(x, y, d_parts, ws, out, flat.split(out))
+        # it takes each weight from the nearer anchor: w below 0.5, else -(1 - w) (piece_weights' nearer=True)
+        flat(x, y, d_parts, [w if w < 0.5 else -(1.0 - w) for w in ws], out, flat.split(out))
         for layer, w in enumerate(ws):
             a, b = bounds[layer], bounds[layer + 1]
             want = spec_reader.lerp(x[a:b], y[a:b], w, name)

@@ -76,11 +76,14 @@ def locate(c: float, anchor_epochs: Sequence[int]) -> tuple[int, int, int, float
 
 
 def piece_weights(beta: np.ndarray | Sequence[Sequence[float]], anchor_epochs: Sequence[int],
-                  c: float) -> tuple[int, np.ndarray | list[float]]:
+                  c: float, nearer: bool = False) -> tuple[int, np.ndarray | list[float]]:
     """Eq. 10 on a piecewise path: (piece index, per-layer weight of the piece's end anchor) at c.
 
     beta may also be given as rows of Python floats (`beta.tolist()`); the weights then come back as
     a list, with the same float64 arithmetic and so the same values, without numpy's per-call cost.
+    With nearer (rows only), each weight w comes as the factor of docs/format.md §7's lerp from the nearer
+    anchor: w below 0.5, else -(1 - w) (negative: back from the end anchor; -0.0 at w = 1), computed in
+    the same pass (the reader's flat CPU path, where a second pass over the layers costs a cold call more).
     """
     piece, lo, hi, eta = locate(c, anchor_epochs)
     end = anchor_epochs[piece + 1]
@@ -89,6 +92,8 @@ def piece_weights(beta: np.ndarray | Sequence[Sequence[float]], anchor_epochs: S
         b_hi = np.ones_like(b_lo) if hi == end else beta[hi]
         return piece, (1.0 - eta) * b_lo + eta * b_hi
     b_hi = [1.0] * len(b_lo) if hi == end else beta[hi]
+    if nearer:
+        return piece, [w if (w := (1.0 - eta) * x + eta * y) < 0.5 else -(1.0 - w) for x, y in zip(b_lo, b_hi)]
     return piece, [(1.0 - eta) * x + eta * y for x, y in zip(b_lo, b_hi)]
 
 

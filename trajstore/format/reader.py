@@ -61,10 +61,11 @@ _PRECISION = {torch.float64: (53, -1021), torch.float32: (24, -125), torch.float
 
 
 def _round_weight(w: float, dtype: torch.dtype) -> float:
-    """w (float64, in [0, 1]) rounded once to dtype, to nearest with ties to even (round() is exact here)."""
+    """w (float64, in [-1, 1]) rounded once to dtype, to nearest with ties to even (round() is exact here);
+    symmetric, so -w rounds to minus what w does (and -0.0 stays -0.0)."""
     bits, emin = _PRECISION[dtype]
     if w == 0.0:
-        return 0.0
+        return w
     scale = bits - max(math.frexp(w)[1], emin)
     return math.ldexp(round(math.ldexp(w, scale)), -scale)
 
@@ -184,18 +185,15 @@ class _FlatLerp:
         held = self._local.__dict__[dtype] = (factors, pack, per_part, small)
         return held
 
-    def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], ws: list[float], out: np.ndarray,
+    def __call__(self, x: np.ndarray, y: np.ndarray, d_parts: list[np.ndarray], fs: list[float], out: np.ndarray,
                  out_parts: list[np.ndarray]) -> None:
+        """out = the point with per layer the float64 factor f from the nearer anchor: f = w (w < 0.5) or
+        f = -(1 - w) (piece_weights(..., nearer=True); -0.0 for w = 1: y - 0*d and y + (-0)*d agree only then)."""
         held = self._local.__dict__.get(out.dtype)  # (inline: a call less, on the path that runs cold)
         factors, pack, per_part, small = held if held is not None else self._buffer(out.dtype)
         # Each factor rounded once from float64: for float32 and float64 by struct's C cast (the hardware's IEEE
-        # conversion); float16 by _round_weight, as a cast through float32 would round twice. -(1 - w) keeps
-        # the -0.0 of w = 1 (y - 0*d and y + (-0)*d agree only then).
-        if out.dtype.itemsize == 2:
-            fs = [_round_weight(w, torch.float16) if w < 0.5 else -_round_weight(1.0 - w, torch.float16) for w in ws]
-        else:
-            fs = [w if w < 0.5 else -(1.0 - w) for w in ws]
-        pack(*fs)
+        # conversion); float16 by _round_weight, as a cast through float32 would round twice.
+        pack(*fs) if out.dtype.itemsize != 2 else pack(*[_round_weight(f, torch.float16) for f in fs])
         # The base of the additions: x where every factor is positive, y where every one is negative; else (a
         # factor 0, whose sign says its base, or both signs) per stretch of layers, from the factors' signs.
         base = x if min(fs, default=1.0) > 0.0 else y if max(fs, default=1.0) < 0.0 else None
@@ -209,6 +207,16 @@ class _FlatLerp:
         else:
             for part, from_y in self.stretches(np.signbit(factors)):
                 np.add(out[part], y[part] if from_y else x[part], out[part])
+
+
+class _Address:
+    """Memory by address, for numpy: an array over it has this as its base, not the tensor that owns it
+    (CTraj._array_of)."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, address: int, length: int, dtype):
+        self.__array_interface__ = {"data": (address, False), "shape": (length,), "typestr": np.dtype(dtype).str, "version": 3}
 
 
 class _Anchor:
@@ -350,24 +358,34 @@ class Expert:
         rows = self._beta_rows
         if rows is None:
             rows = self._beta_rows = self.beta.tolist()
-        epochs = s.meta.anchor_epochs
-        try:
-            piece, ws = piece_weights(rows, epochs, c)
-        except OutOfRangeError as exc:
-            raise OutOfRangeError(str(exc), s.path) from None
         dev = _CPU if device is None else _device(device, s.path)
         dtype = None if dtype is None else _dtype(dtype, s.path)
         if out is not None and (not flat or not isinstance(out, torch.Tensor)):
             raise TrajstoreError(f"out= takes a torch.Tensor, and only with flat=True (got {type(out).__name__})",
                                  s.path)
-        a, b, d_parts = s._piece(self, piece, dev, dtype, flat)
+        # a flat vector on the CPU in a numpy dtype: _FlatLerp over the piece's cached y - x, which takes
+        # each weight from the nearer anchor
+        numpy = flat and (dev is _CPU or dev.type == "cpu") and (dtype or s._stored_dtype) in _NUMPY_DTYPES
+        try:
+            piece, ws = piece_weights(rows, s.meta.anchor_epochs, c, numpy)
+        except OutOfRangeError as exc:
+            raise OutOfRangeError(str(exc), s.path) from None
+        slot = s._slots.get(self.id)  # the piece this expert read last, while cached (CTraj._piece)
+        if slot is not None and slot[0] == (piece, dev, dtype, numpy):
+            a, b, d_parts = slot[1]
+            touched = s._touched  # a use of its entries, applied to the cache's order later
+            touched.append(slot[2])
+            if len(touched) > 1024:  # a long run of slot reads (no other cache use in between)
+                s._settle(lock=True)
+        else:
+            a, b, d_parts = s._piece(self, piece, dev, dtype, numpy)
         if flat:
-            if d_parts is not None:  # the CPU, in a numpy dtype: whole-vector numpy passes over cached y - x
+            if numpy:  # whole-vector numpy passes over the cached y - x
                 if out is None:
                     out = torch.empty_like(a.flat)  # its dtype and device (fewer arguments to parse)
-                    s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out, False))
-                else:
-                    s._flat_lerp(a.array, b.array, d_parts, ws, *s._out_array_of(out, a.flat))
+                elif out.requires_grad or out.dtype is not a.flat.dtype or not out.is_cpu or out.shape != s._flat_shape:
+                    s._check_out(out, a.flat)  # (the same tests, with the message)
+                s._flat_lerp(a.array, b.array, d_parts, ws, *s._array_of(out))
                 return out
             if a.flat is None:
                 raise TrajstoreError("layers have different dtypes; pass dtype= for a flat vector", s.path)
@@ -441,7 +459,8 @@ class CTraj:
         dtypes = {layer.torch_dtype for layer in meta.layers}
         self._stored_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None  # the layers' one dtype, if one
         self._out_views: tuple = (None, 0, None)  # the last flat `out` (weakref, data pointer) and its layer views
-        self._out_array: tuple = (None, 0, None, None, None)  # ... and its numpy view (and dtype, shape)
+        self._flat_shape = (self.num_params,)
+        self._views = threading.local()  # per thread: numpy views of flat CPU vectors by address (_array_of)
         self._flat_lerp = _FlatLerp(self._numels)
         self._ids, self._unlisted = self._expert_ids()
         self._experts: dict[int, Expert] = {}
@@ -568,27 +587,28 @@ class CTraj:
         if out.requires_grad:
             raise TrajstoreError("out must not require grad (pass a tensor made under torch.no_grad())", self.path)
 
-    def _array_of(self, flat: torch.Tensor, keep: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-        """flat as a numpy array sharing its memory, and its parts for _FlatLerp; kept (with keep) for the
-        last vector like _layer_views."""
-        ref, ptr, arrays = self._out_array[:3]
-        if ref is not None and ref() is flat and flat.data_ptr() == ptr:
-            return arrays
-        array = flat.numpy()
-        arrays = (array, self._flat_lerp.split(array))
-        if keep:
-            self._out_array = (weakref.ref(flat), flat.data_ptr(), arrays, flat.dtype, flat.shape)
-        return arrays
+    def _array_of(self, flat: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A flat CPU vector as a numpy array over its memory and that array's parts for _FlatLerp.
 
-    def _out_array_of(self, out: torch.Tensor, like: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
-        """_array_of a caller's `out`, checked: the `out` of the last call (the same tensor, memory, dtype and
-        shape; callers reuse one) is answered in a few comparisons, as a full check costs a cold call more."""
-        ref, ptr, arrays, dtype, shape = self._out_array
-        if ref is not None and ref() is out and out.data_ptr() == ptr and out.dtype is dtype is like.dtype \
-                and not out.requires_grad and out.shape == shape:
-            return arrays
-        self._check_out(out, like)
-        return self._array_of(out, True)
+        For a contiguous vector (every new one, and a caller's `out` as a rule) they are kept per thread by
+        address: a caller reuses one `out` (or two: a window's start and target), and the allocator hands a
+        freed vector's memory to the next request of its size, so a caller that drops each new point before
+        asking for the next gets the same address again and again. They are made over the bare address
+        (__array_interface__, see _Address), so that they hold no reference to any tensor (a vector stays
+        its caller's alone), and are used only for the vector that owns that memory now: a contiguous
+        vector of this length and dtype at that address (which `at` has checked)."""
+        if not flat.is_contiguous():  # (an `out` that is a strided view): a strided numpy view, each call
+            array = flat.numpy()
+            return array, self._flat_lerp.split(array)
+        key = (flat.data_ptr(), flat.dtype)
+        held = self._views.__dict__
+        found = held.get(key)
+        if found is None:
+            if len(held) >= 8:  # a few addresses per thread: those in use again and again
+                held.clear()
+            array = np.asarray(_Address(key[0], self.num_params, _NUMPY_DTYPES[flat.dtype]))
+            found = held[key] = (array, self._flat_lerp.split(array))
+        return found
 
     # -- anchor cache -------------------------------------------------------------------------
 
@@ -617,27 +637,18 @@ class CTraj:
             held = _Anchor(None, tensors)
         return self._keep(key, held, sum(t.numel() * t.element_size() for t in held.layers))
 
-    def _piece(self, expert: Expert, piece: int, device: torch.device, dtype, flat: bool):
+    def _piece(self, expert: Expert, piece: int, device: torch.device, dtype, difference: bool):
         """(anchor a, anchor b, y - x or None) for the given piece of the expert: the difference (numpy, rounded
-        to the dtype, split into _FlatLerp's parts) only for a flat vector on the CPU in a numpy dtype. It does
-        not depend on c, so it is cached beside the anchors.
+        to the dtype, split into _FlatLerp's parts) only with `difference`, which `at` asks for a flat vector on
+        the CPU in a numpy dtype. It does not depend on c, so it is cached beside the anchors.
 
-        This runs on every call of `at`, so the piece an expert read last is answered from its slot (one
-        comparison) instead of hashing and reordering its three cache keys: the slot exists only while all
-        three entries are cached (an eviction drops the slots of its expert), and its use is queued and
-        applied to the cache's order before the cache is next read or changed, so eviction stays least
-        recently used first."""
-        slot = self._slots.get(expert.id)
-        if slot is not None and slot[0] == (piece, device, dtype, flat):
-            touched = self._touched
-            touched.append(slot[2])
-            if len(touched) > 1024:  # a long run of slot hits (no other cache use in between)
-                with self._lock:
-                    self._settle()
-            return slot[1]
+        It also sets the expert's slot, from which `at` reads the piece again while it is the one the expert
+        read last (one comparison instead of hashing and reordering three cache keys, on every call): the
+        slot exists only while all its entries are cached (an eviction drops the slot of the entry's
+        expert), and `at` queues each use of it, applied to the cache's order before the cache is next read
+        or changed, so eviction stays least recently used first."""
         epochs = self.meta.anchor_epochs
         a, b = epochs[piece], epochs[piece + 1]
-        difference = flat and device.type == "cpu" and (dtype or self._stored_dtype) in _NUMPY_DTYPES
         keys = ((expert.id, a, device, dtype), (expert.id, b, device, dtype), (expert.id, a, b, device, dtype))
         keys = keys if difference else keys[:2]
         x = self._anchor(expert, a, device, dtype)
@@ -655,11 +666,15 @@ class CTraj:
                 self._settle()
                 for key in keys:  # used in this order: as the slot's queued uses replay it
                     cache.move_to_end(key)
-                self._slots[expert.id] = ((piece, device, dtype, flat), found, keys)
+                self._slots[expert.id] = ((piece, device, dtype, difference), found, keys)
         return found
 
-    def _settle(self) -> None:
-        """Apply the queued uses of slots (_piece) to the cache's order; the caller holds the lock."""
+    def _settle(self, lock: bool = False) -> None:
+        """Apply the queued uses of slots (_piece) to the cache's order; the caller holds the lock, or with
+        lock=True this takes it."""
+        if lock:
+            with self._lock:
+                return self._settle()
         cache, touched = self._cache, self._touched
         while touched:
             for key in touched.popleft():
