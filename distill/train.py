@@ -11,6 +11,8 @@ from torch import nn
 
 from trajstore.errors import TrajstoreError
 
+from .networks.student_ops import convnet_forward
+
 
 def derived_seed(seed: int, index: int) -> int:
     """The seed of run `index` (an expert, an evaluation network) of a seeded job, independent of the others."""
@@ -28,6 +30,24 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrajstoreError(f"device {device!r} asked for, but CUDA is not available here")
     return dev
+
+
+def forward_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How training and test passes run `net`: upstream's default ConvNet on the CPU from its parameters
+    through student_ops' Functions, whose first-order backward is cheaper than the modules' (the first
+    convolution on im2col, instance norm + ReLU + 2x2 pooling as one Function with pooling and its spread
+    as contiguous adds: benchmarks/RESULTS.md §8 "faster step"); the same arithmetic up to float rounding.
+    Other networks, and any network on another device, run as the module."""
+    ops = convnet_forward(net)
+    if ops is None:
+        return net
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return net(x)
+        return ops(dict(net.named_parameters()), x)
+
+    return forward
 
 
 def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
@@ -57,7 +77,7 @@ def backward_batch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, i
     y = labels[idx.to(labels.device)].to(device, non_blocking=True)
     if augment is not None:
         x = augment(x)
-    out = net(x)
+    out = forward_of(net)(x)
     loss = F.cross_entropy(out, y)
     loss.backward()
     return loss.item() * len(y), int((out.argmax(1) == y).sum())
@@ -70,9 +90,10 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batc
     was_training = net.training
     net.eval()
     correct = 0
+    forward = forward_of(net)
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
-        correct += int((net(x).argmax(1) == y).sum())
+        correct += int((forward(x).argmax(1) == y).sum())
     net.train(was_training)
     return correct / len(labels)
