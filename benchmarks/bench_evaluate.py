@@ -37,7 +37,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import add_device_option, check_device, write_result
+from benchmarks.common import add_device_option, as_modules, check_device, write_result
 from trajstore.distill.augment import seeded_dsa
 from trajstore.distill.data import load_dataset
 from trajstore.distill.evaluate import BASELINE_LR, _Schedule, evaluate_synset, random_subset
@@ -72,14 +72,14 @@ def breakdown(model: str, ipc: int, device: str, steps: int = 20) -> dict:
             return lambda: train_epoch(net, images, labels, optimizer=opt, batch_size=256, augment=augment,
                                        device=device, generator=g)
 
-        with FlopCounterMode(display=False) as counter:
+        with as_modules(), FlopCounterMode(display=False) as counter:
             step(None)()
         flops = counter.get_total_flops()
         step(seeded_dsa(g))()  # warm
         with_dsa = _cpu(step(seeded_dsa(g)), steps)
         without = _cpu(step(None), steps)
         test = _cpu(lambda: accuracy(net, ds.test_images.to(device), ds.test_labels.to(device), device=device))
-        with FlopCounterMode(display=False) as counter:
+        with as_modules(), FlopCounterMode(display=False) as counter:
             accuracy(net, ds.test_images.to(device), ds.test_labels.to(device), device=device)
         test_flops = counter.get_total_flops()
         profile = _profile_step(step(seeded_dsa(g)), steps)
@@ -94,7 +94,7 @@ def _profile_step(step, steps: int) -> dict:
     as the profiler's own overhead inflates the absolute times)."""
     from torch.profiler import ProfilerActivity, profile
 
-    kinds = {"conv_forward": ("mkldnn_convolution", "_convolution", "thnn_conv2d"),
+    kinds = {"conv_forward": ("mkldnn_convolution", "_convolution", "thnn_conv2d", "_slow_conv2d_forward"),
              "conv_backward": ("convolution_backward",), "norm": ("group_norm",), "pool": ("avg_pool2d",),
              "relu": ("threshold", "relu", "clamp_min"), "fill_and_copy": ("fill_", "copy_", "zero_")}
     step()

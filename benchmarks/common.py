@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -57,6 +58,20 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, repeat: int = 20
             times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeat": repeat}
             for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def as_modules():
+    """Training and test passes run every network as its nn.Module (`train.forward_of` as the identity):
+    the code before the default ConvNet's fast CPU step (benchmarks/RESULTS.md §8 "faster step"), and what
+    torch's FlopCounterMode can count (its formula for `_slow_conv2d_forward`, the fast step's first
+    convolution, fails in torch 2.14; the arithmetic is the same)."""
+    from unittest import mock
+
+    from trajstore.distill import train
+
+    with mock.patch.object(train, "forward_of", lambda net: net):
+        yield
 
 
 def add_device_option(parser) -> None:

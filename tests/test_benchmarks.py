@@ -125,6 +125,17 @@ def test_evaluate_benchmark(tmp_path):
     assert r["breakdown"]["step_flops"] > 0 and r["breakdown"]["step_cpu_s"] > 0
 
 
+def test_step_benchmark(tmp_path):
+    from benchmarks import bench_step
+
+    r = result(bench_step.main(["--ipcs", "1", "--rounds", "2", "--test-rounds", "1", "--model", "ConvNetW8",
+                                "--profile", "--out", str(tmp_path / "t.json")]))["ipc1"]
+    assert r["step_ms_module"] > 0 and r["step_fast_over_module"] > 0 and r["test_pass_fast_over_module"] > 0
+    # the two paths really differ: the module's pooling against the fast step's first convolution on im2col
+    assert "aten::avg_pool2d" in r["profile"]["module"]["top_ms"]
+    assert "aten::_slow_conv2d_forward" in r["profile"]["fast"]["top_ms"]
+
+
 def test_evaluate_layouts_benchmark(tmp_path):
     from benchmarks import bench_evaluate
 
