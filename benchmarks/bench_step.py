@@ -2,6 +2,7 @@
 path (student_ops' Functions), side by side in one process.
 
     python -m benchmarks.bench_step [--ipcs 1,10] [--rounds 40] [--threads 1] [--profile]
+    python -m benchmarks.bench_step --model ConvNetW32 --im-size 8 --channels 1   # the quickstart's network
 
 The setting of `trajstore evaluate --random --ipc N`: ConvNet on 3x32x32 digits, a random real subset of N
 images per class, one epoch of `train.train_epoch` (one step of batch 10 N while N <= 25) with DSA and the
@@ -74,6 +75,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ipcs", default="1,10", help="comma-separated images per class")
     parser.add_argument("--model", default="ConvNet")
+    parser.add_argument("--im-size", type=int, default=32, help="digits at this size (the quickstart: 8)")
+    parser.add_argument("--channels", type=int, default=3, help="digits' channels (the quickstart: 1)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--test-rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (evaluation's side-by-side: 1)")
@@ -81,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/step.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ds = load_dataset("digits")
+    ds = load_dataset("digits", im_size=(args.im_size, args.im_size), channels=args.channels)
     results = {}
     for ipc in (int(i) for i in args.ipcs.split(",")):
         runs = _runs(ds, ipc, args.model)
