@@ -382,7 +382,7 @@ def convnet_forward(net: nn.Module) -> Callable | None:
             elif kind == "instancenorm":
                 x = instance_norm(x, params[prefix + "weight"], params[prefix + "bias"], m.eps, relu, pool)
             elif kind == "relu":
-                x = torch.relu_(x)  # in place: instance norm keeps its input, not its output
+                x = torch.relu_(x)  # in place: the convolution before it keeps its input, not its output
             else:
                 x = avg_pool2(x)
         return F.linear(x.reshape(x.size(0), -1), params["classifier.weight"], params["classifier.bias"])
