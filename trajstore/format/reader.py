@@ -193,7 +193,10 @@ class _FlatLerp:
         factors, pack, per_part, small = held if held is not None else self._buffer(out.dtype)
         # Each factor rounded once from float64: for float32 and float64 by struct's C cast (the hardware's IEEE
         # conversion); float16 by _round_weight, as a cast through float32 would round twice.
-        pack(*fs) if out.dtype.itemsize != 2 else pack(*[_round_weight(f, torch.float16) for f in fs])
+        if out.dtype.itemsize == 2:
+            pack(*[_round_weight(f, torch.float16) for f in fs])
+        else:
+            pack(*fs)
         # The base of the additions: x where every factor is positive, y where every one is negative; else (a
         # factor 0, whose sign says its base, or both signs) per stretch of layers, from the factors' signs.
         base = x if min(fs, default=1.0) > 0.0 else y if max(fs, default=1.0) < 0.0 else None
@@ -216,7 +219,8 @@ class _Address:
     __slots__ = ("__array_interface__",)
 
     def __init__(self, address: int, length: int, dtype):
-        self.__array_interface__ = {"data": (address, False), "shape": (length,), "typestr": np.dtype(dtype).str, "version": 3}
+        self.__array_interface__ = {"data": (address, False), "shape": (length,), "typestr": np.dtype(dtype).str,
+                                    "version": 3}
 
 
 class _Anchor:
