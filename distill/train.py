@@ -32,18 +32,27 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def forward_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+# Below this many values in the first convolution's output (batch x width x pixels), a step is so small
+# that the Functions' Python overhead outweighs what they save: the quickstart's ConvNetW32 on 8x8 digits
+# breaks even at a batch of 30 (~140k values; benchmarks/RESULTS.md §8 "faster step"). Such batches run
+# as the module.
+FAST_STEP_MIN_VALUES = 2**17
+
+
+def forward_of(net: nn.Module, min_values: int = FAST_STEP_MIN_VALUES) -> Callable[[torch.Tensor], torch.Tensor]:
     """How training and test passes run `net`: upstream's default ConvNet on the CPU from its parameters
     through student_ops' Functions, whose first-order backward is cheaper than the modules' (the first
     convolution on im2col, instance norm + ReLU + 2x2 pooling as one Function with pooling and its spread
     as contiguous adds: benchmarks/RESULTS.md §8 "faster step"); the same arithmetic up to float rounding.
-    Other networks, and any network on another device, run as the module."""
+    Other networks, any network on another device, and batches under min_values (see
+    FAST_STEP_MIN_VALUES) run as the module."""
     ops = convnet_forward(net)
     if ops is None:
         return net
+    width = net.features[0].out_channels  # the first convolution (convnet_forward checked the layers)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or x.shape[0] * width * x.shape[-2] * x.shape[-1] < min_values:
             return net(x)
         return ops(dict(net.named_parameters()), x)
 

@@ -12,7 +12,18 @@ import torch.nn.functional as F
 
 from trajstore.distill.augment import seeded_dsa
 from trajstore.distill.networks import build
-from trajstore.distill.train import accuracy, forward_of, train_epoch
+from trajstore.distill.train import FAST_STEP_MIN_VALUES, accuracy, forward_of, train_epoch
+
+
+def _graph(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind t."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.add(node.name())
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
 
 
 def _net(model: str, im_size, channel: int = 3, seed: int = 0):
@@ -34,9 +45,8 @@ def test_fast_forward_and_gradients_equal_the_modules_autograd(model, channel, i
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, channel, *im_size, generator=g, dtype=torch.float64)
     y = torch.randint(10, (6,), generator=g)
-    forward = forward_of(net)
-    assert forward is not net  # the fast path is taken
-    out = forward(x)
+    out = forward_of(net, min_values=0)(x)  # the fast path at any size
+    assert "_ConvBackward" in _graph(out) and "ConvolutionBackward0" not in _graph(out)
     want = ref(x)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     F.cross_entropy(out, y).backward()
@@ -52,10 +62,18 @@ def test_other_networks_run_as_their_modules():
         assert forward_of(net) is net, model
 
 
+def test_small_batches_run_as_the_module_and_large_ones_fast():
+    net = build("ConvNetW8", 3, 10, (16, 16))  # 8 channels x 256 pixels per image in the first layer's output
+    small = FAST_STEP_MIN_VALUES // (8 * 256) - 1
+    assert "ConvolutionBackward0" in _graph(forward_of(net)(torch.randn(small, 3, 16, 16)))
+    assert "_ConvBackward" in _graph(forward_of(net)(torch.randn(small + 1, 3, 16, 16)))
+
+
 def test_training_epochs_equal_a_plain_module_loop():
     """Two epochs of train_epoch (shuffles, DSA, SGD with momentum and weight decay) against the same loop
-    written here with the module's forward, on the same draws."""
-    net = _net("ConvNetW8", (16, 16))
+    written here with the module's forward, on the same draws; the default width, so that batches of 10
+    take the fast path."""
+    net = _net("ConvNet", (16, 16))
     ref = copy.deepcopy(net)
     g = torch.Generator().manual_seed(2)
     images = torch.randn(20, 3, 16, 16, generator=g, dtype=torch.float64)
@@ -65,10 +83,10 @@ def test_training_epochs_equal_a_plain_module_loop():
     g_fast, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     aug_fast, aug_ref = seeded_dsa(g_fast), seeded_dsa(g_ref)
     for _ in range(2):
-        loss, acc = train_epoch(net, images, labels, optimizer=opt, batch_size=8, augment=aug_fast, device="cpu",
+        loss, acc = train_epoch(net, images, labels, optimizer=opt, batch_size=10, augment=aug_fast, device="cpu",
                                 generator=g_fast)
         ref_loss, ref_correct = 0.0, 0
-        for idx in torch.randperm(20, generator=g_ref).split(8):
+        for idx in torch.randperm(20, generator=g_ref).split(10):
             ref_opt.zero_grad()
             out = ref(aug_ref(images[idx]))
             batch_loss = F.cross_entropy(out, labels[idx])
@@ -78,14 +96,14 @@ def test_training_epochs_equal_a_plain_module_loop():
             ref_correct += int((out.argmax(1) == labels[idx]).sum())
         assert loss == pytest.approx(ref_loss / 20, rel=1e-9) and acc == ref_correct / 20
     moved = 0.0
-    for p, q, p0 in zip(net.parameters(), ref.parameters(), _net("ConvNetW8", (16, 16)).parameters()):
+    for p, q, p0 in zip(net.parameters(), ref.parameters(), _net("ConvNet", (16, 16)).parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-12)
         moved = max(moved, float((p - p0).detach().abs().max()))
     assert moved > 1e-3  # it did train
     test = torch.randn(30, 3, 16, 16, generator=g, dtype=torch.float64)
     test_labels = ref(test).argmax(1)
     test_labels[:7] = (test_labels[:7] + 1) % 10  # 7 of 30 wrong by construction
-    assert accuracy(net, test, test_labels, batch_size=8, device="cpu") == pytest.approx(23 / 30)
+    assert accuracy(net, test, test_labels, batch_size=10, device="cpu") == pytest.approx(23 / 30)
 
 
 def test_a_seeded_training_run_repeats_bit_for_bit():
@@ -94,7 +112,7 @@ def test_a_seeded_training_run_repeats_bit_for_bit():
     for _ in range(2):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(4)
-            net = build("ConvNetW8", 3, 10, (16, 16))
+            net = build("ConvNet", 3, 10, (16, 16))  # batches of 8 take the fast path
         g = torch.Generator().manual_seed(5)
         images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(6))
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
