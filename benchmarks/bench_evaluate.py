@@ -37,7 +37,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import add_device_option, as_modules, check_device, write_result
+from benchmarks.common import add_device_option, add_modules_option, as_modules, check_device, write_result
 from trajstore.distill.augment import seeded_dsa
 from trajstore.distill.data import load_dataset
 from trajstore.distill.evaluate import BASELINE_LR, _Schedule, evaluate_synset, random_subset
@@ -248,10 +248,16 @@ def main(argv=None):
     p.add_argument("--variants", default="one_network,one_network_one_thread,k_default,k_one_by_one,k_together",
                    help="comma-separated, of those in the module's doc")
     add_device_option(p)
+    add_modules_option(p)
     p.add_argument("--layouts", action="store_true",
                    help="only the per-FLOP comparison of one network, K as one wide network and channels_last")
     p.add_argument("--out", default="benchmarks/results/evaluate.json")
     args = p.parse_args(argv)
+    with as_modules(args.modules):
+        return _run(args)
+
+
+def _run(args):
     device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_device_option, check_device, write_result
+from benchmarks.common import add_device_option, add_modules_option, as_modules, check_device, write_result
 from trajstore.distill.data import load_dataset
 from trajstore.distill.experts import train_experts
 from trajstore.tools.threads import single_threaded
@@ -36,8 +36,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_device_option(p)
+    add_modules_option(p)
     p.add_argument("--out", default="benchmarks/results/experts.json")
     args = p.parse_args(argv)
+    with as_modules(args.modules):
+        return _run(args)
+
+
+def _run(args):
     device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -61,17 +61,23 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, repeat: int = 20
 
 
 @contextlib.contextmanager
-def as_modules():
+def as_modules(enabled: bool = True):
     """Training and test passes run every network as its nn.Module (`train.forward_of` as the identity):
     the code before the default ConvNet's fast CPU step (benchmarks/RESULTS.md §8 "faster step"), and what
     torch's FlopCounterMode can count (its formula for `_slow_conv2d_forward`, the fast step's first
-    convolution, fails in torch 2.14; the arithmetic is the same)."""
+    convolution, fails in torch 2.14; the arithmetic is the same). enabled=False: as training runs now."""
     from unittest import mock
 
     from trajstore.distill import train
 
-    with mock.patch.object(train, "forward_of", lambda net: net):
+    with mock.patch.object(train, "forward_of", lambda net: net) if enabled else contextlib.nullcontext():
         yield
+
+
+def add_modules_option(parser) -> None:
+    """--modules: the benchmark runs the code before the fast CPU step (`as_modules`), for old-against-new runs."""
+    parser.add_argument("--modules", action="store_true",
+                        help="run networks as their nn.Modules: the code before the fast CPU training step")
 
 
 def add_device_option(parser) -> None:

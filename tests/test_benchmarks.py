@@ -128,8 +128,9 @@ def test_evaluate_benchmark(tmp_path):
 def test_step_benchmark(tmp_path):
     from benchmarks import bench_step
 
-    r = result(bench_step.main(["--ipcs", "1", "--rounds", "2", "--test-rounds", "1", "--model", "ConvNetW8",
-                                "--profile", "--out", str(tmp_path / "t.json")]))["ipc1"]
+    # 20 images of 8 channels x 1024 pixels in the first layer: over train.FAST_STEP_MIN_VALUES
+    r = result(bench_step.main(["--ipcs", "2", "--rounds", "4", "--test-rounds", "1", "--model", "ConvNetW8",
+                                "--profile", "--out", str(tmp_path / "t.json")]))["ipc2"]
     assert r["step_ms_module"] > 0 and r["step_fast_over_module"] > 0 and r["test_pass_fast_over_module"] > 0
     # the two paths really differ: the module's pooling against the fast step's first convolution on im2col
     assert "aten::avg_pool2d" in r["profile"]["module"]["top_ms"]
