@@ -1,5 +1,7 @@
 """Upstream's default ConvNet (instance norm, ReLU, 2x2 average pooling) run from its parameters, with
-cheaper second derivatives for the distillation student.
+cheaper second derivatives for the distillation student, and a cheaper first-order backward for the plain
+training of evaluation and experts (`train.forward_of`: a backward that is not differentiated calls the
+kernels below directly, without the second-order Functions; benchmarks/RESULTS.md §8 "faster step").
 
 The matching loss differentiates through every student step's gradient, so each layer's backward is
 itself differentiated. On the CPU, PyTorch does that second differentiation expensively for three layers
