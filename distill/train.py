@@ -32,10 +32,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-# Below this many values in the first convolution's output (batch x width x pixels), a step is so small
-# that the Functions' Python overhead outweighs what they save: the quickstart's ConvNetW32 on 8x8 digits
-# breaks even at a batch of 30 (~140k values; benchmarks/RESULTS.md §8 "faster step"). Such batches run
-# as the module.
+# Below this many values in a batch's first activation (batch x width x image pixels), a step is so
+# small that the Functions' Python overhead outweighs what they save: the quickstart's ConvNetW32 on 8x8
+# digits breaks even at a batch of about 30 (benchmarks/RESULTS.md §8 "faster step"). Such batches run as
+# the module.
 FAST_STEP_MIN_VALUES = 2**17
 
 
