@@ -240,6 +240,23 @@ def test_concurrent_writers_share_one_store(backend):
             w.write_expert(random_walk(seed=99), index=7)
 
 
+def _race(monkeypatch, url: str, answered: int, other):
+    """Make `other()` (another process's work at url) run whole right after the `answered`-th time this
+    process asks whether url exists and hears "no"; returns the list that then holds other()'s result."""
+    real, asks, others = Location.exists, [], []
+
+    def exists(location):
+        answer = real(location)
+        if location.target == url and not answer and not others:
+            asks.append(answer)
+            if len(asks) == answered:
+                others.append(other())
+        return answer
+
+    monkeypatch.setattr(Location, "exists", exists)
+    return others
+
+
 @pytest.mark.parametrize("answered", [1, 2])
 def test_a_writer_starting_while_another_creates_the_store_joins_it(backend, monkeypatch, answered):
     """Two appending writers start one store: B asks whether the store exists and hears "no"; A then
@@ -250,17 +267,8 @@ def test_a_writer_starting_while_another_creates_the_store_joins_it(backend, mon
     creates the store (an ask that does not happen leaves A to start after B)."""
     url = backend.url("raced.ctraj")
     opts = dict(storage_options=backend.options)
-    real, asks, others = Location.exists, [], []
-
-    def exists(location):
-        answer = real(location)
-        if location.target == url and not others and not answer:
-            asks.append(answer)
-            if len(asks) == answered:  # A starts the store between this ask and what B does next
-                others.append(trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts))
-        return answer
-
-    monkeypatch.setattr(Location, "exists", exists)
+    others = _race(monkeypatch, url, answered,
+                   lambda: trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts))
     b = trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts)
     a = others[0] if others else trajstore.create(url, SMALL_LAYERS, 11, waypoints=(4,), append=True, **opts)
     trajs = [random_walk(seed=40 + i) for i in range(3)]
@@ -475,18 +483,8 @@ def test_a_convert_never_joins_or_removes_a_store_another_process_starts_meanwhi
         pytest.skip("file:// is a local path: built aside, then renamed, which fails if the output appeared")
     directory, trajs = legacy_buffer
     url = backend.url("raced.ctraj")
-    real, asks, others = Location.exists, [], []
-
-    def exists(location):
-        answer = real(location)
-        if location.target == url and not answer and not others:
-            asks.append(answer)
-            if len(asks) == answered:  # the other convert runs whole between this ask and what follows it
-                others.append(convert(directory, url, waypoints=(3, 6), progress=False,
-                                      storage_options=backend.options))
-        return answer
-
-    monkeypatch.setattr(Location, "exists", exists)
+    others = _race(monkeypatch, url, answered, lambda: convert(directory, url, waypoints=(3, 6), progress=False,
+                                                               storage_options=backend.options))
     with pytest.raises(trajstore.ExistsError):
         convert(directory, url, waypoints=(3, 6), progress=False, storage_options=backend.options)
     assert others, "the race was not set up"
