@@ -41,6 +41,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from trajstore.tools.threads import single_threaded
 
+from . import train as training  # (its forward_of looked up when used: benchmarks swap it for the modules)
 from .train import accuracy, backward_batch
 
 T = TypeVar("T")
@@ -244,10 +245,11 @@ class NetGroup:
         n = len(labels)
         orders = [torch.randperm(n, generator=g).split(batch_size) for g in generators]
         loss_sum, correct = [0.0] * self.k, [0] * self.k
+        forwards = [training.forward_of(net) for net in self.nets]
 
         def step(j: int) -> Callable[[int], None]:
             def one(k: int) -> None:
-                batch_loss, batch_correct = backward_batch(self.nets[k], images, labels, orders[k][j],
+                batch_loss, batch_correct = backward_batch(forwards[k], images, labels, orders[k][j],
                                                            augment=None if augments is None else augments[k], device=device)
                 loss_sum[k] += batch_loss
                 correct[k] += batch_correct

@@ -69,24 +69,26 @@ def train_epoch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, o
     net.train()
     device = torch.device(device)
     total_loss, correct = 0.0, 0
+    forward = forward_of(net)
     for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
         optimizer.zero_grad(set_to_none=True)
-        batch_loss, batch_correct = backward_batch(net, images, labels, idx, augment=augment, device=device)
+        batch_loss, batch_correct = backward_batch(forward, images, labels, idx, augment=augment, device=device)
         optimizer.step()
         total_loss += batch_loss
         correct += batch_correct
     return total_loss / len(labels), correct / len(labels)
 
 
-def backward_batch(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, *,
-                   augment: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device) -> tuple[float, int]:
-    """The minibatch `idx`, augmented, through `net`; cross-entropy's gradients added to the parameters'.
-    Returns (summed loss, correct predictions) over the minibatch."""
+def backward_batch(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                   idx: torch.Tensor, *, augment: Callable[[torch.Tensor], torch.Tensor] | None,
+                   device: torch.device) -> tuple[float, int]:
+    """The minibatch `idx`, augmented, through a network's `forward_of`; cross-entropy's gradients added to
+    the parameters'. Returns (summed loss, correct predictions) over the minibatch."""
     x = images[idx.to(images.device)].to(device, non_blocking=True)
     y = labels[idx.to(labels.device)].to(device, non_blocking=True)
     if augment is not None:
         x = augment(x)
-    out = forward_of(net)(x)
+    out = forward(x)
     loss = F.cross_entropy(out, y)
     loss.backward()
     return loss.item() * len(y), int((out.argmax(1) == y).sum())

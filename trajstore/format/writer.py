@@ -14,8 +14,7 @@ import torch
 
 from . import anchorfile, checksums
 from ..stores.base import fresh_group
-from ..stores import atomic
-from ..stores.files import DirectoryStore, ScratchStore
+from ..stores.files import DirectoryStore
 from ..stores.location import locate, open_store
 from .arguments import integer
 from .beta import (LEGACY_SMOOTHINGS, SMOOTHINGS, anchor_epochs_with, beta_from_norms, betas_follow_smoothed_path,
@@ -191,9 +190,7 @@ class Writer:
                 raise ExistsError("already exists (pass overwrite=True / --force to replace it)", self.path)
             # built beside the file (for the final rename), or for a URL in the temporary directory
             beside = self._target.path or Path(tempfile.gettempdir()) / self._target.name
-            beside.parent.mkdir(parents=True, exist_ok=True)
-            self._store = ScratchStore(atomic.Scratch(beside))
-            self._store.root.mkdir()
+            self._store = DirectoryStore(beside).begin_build()
             self._init_root()
         elif exists and append:
             self._store = target
